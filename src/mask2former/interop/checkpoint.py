@@ -1,0 +1,104 @@
+"""Our checkpoint format (``config.yaml`` + ``model.safetensors``) and the dispatch to foreign formats."""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from ..config import ModelConfig, from_dict, to_dict
+
+CLASS_HEAD_KEYS = ("transformer_decoder.heads.class_embed.weight", "transformer_decoder.heads.class_embed.bias")
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def save_pretrained(model: nn.Module, path: str | Path, extra: dict[str, Any] | None = None) -> None:
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    document = {"model": to_dict(model.config), "labels": model.labels}
+    if extra:
+        document.update(extra)
+    (path / "config.yaml").write_text(yaml.safe_dump(document, sort_keys=False))
+    state = {key: value.detach().contiguous().cpu() for key, value in model.state_dict().items()}
+    save_file(state, str(path / "model.safetensors"), metadata={"format": "pt", "library": "mask2former"})
+
+
+def load_pretrained(cls, path: str | Path, config: str | None = None, num_classes: int | None = None,
+                    map_location: str = "cpu"):
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if path.is_dir() and (path / "config.yaml").exists():
+        document = yaml.safe_load((path / "config.yaml").read_text()) or {}
+        model_config = from_dict(ModelConfig, document.get("model", {}), "model")
+        state = load_file(str(path / _weights_file(path)), device=map_location)
+        labels = document.get("labels")
+        source = str(path)
+    elif path.is_dir() and (path / "config.json").exists():
+        from .hf import convert_hf_checkpoint
+
+        model_config, state, labels = convert_hf_checkpoint(path)
+        source = f"transformers checkpoint {path}"
+    elif path.suffix == ".pkl" or path.suffix == ".pth":
+        from .detectron2 import convert_detectron2_checkpoint
+
+        model_config, state, labels = convert_detectron2_checkpoint(path, config)
+        source = f"detectron2 checkpoint {path}"
+    else:
+        raise CheckpointError(
+            f"{path}: not a checkpoint (expected a directory with config.yaml or config.json, or a detectron2 .pkl)"
+        )
+    if num_classes is not None and num_classes != model_config.num_classes:
+        model_config = dataclasses.replace(model_config, num_classes=num_classes)
+        labels = None
+    model = cls(model_config, labels=labels)
+    load_state_dict_checked(model, state, source)
+    return model.to(map_location)
+
+
+def _weights_file(path: Path) -> str:
+    if (path / "model.safetensors").exists():
+        return "model.safetensors"
+    raise CheckpointError(f"{path}: model.safetensors is missing")
+
+
+def load_state_dict_checked(model: nn.Module, state: dict[str, Tensor], source: str) -> None:
+    """Load ``state`` strictly, except that a class head of another size is skipped with a warning."""
+    own = model.state_dict()
+    state = dict(state)
+    skipped = []
+    bias_key = CLASS_HEAD_KEYS[1]
+    if bias_key in state and bias_key in own and state[bias_key].shape != own[bias_key].shape:
+        found = state[bias_key].shape[0] - 1
+        for key in CLASS_HEAD_KEYS:
+            state.pop(key, None)
+            skipped.append(key)
+        warnings.warn(
+            f"{source}: the checkpoint has {found} classes, the model {own[bias_key].shape[0] - 1}: loaded everything "
+            "except the class head, which keeps its random initialisation",
+            stacklevel=3,
+        )
+    for key, value in state.items():
+        if key in own and own[key].shape != value.shape:
+            raise CheckpointError(
+                f"{source}: tensor {key} has shape {tuple(value.shape)} but the model expects {tuple(own[key].shape)}"
+            )
+    missing = sorted(set(own) - set(state) - set(skipped))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (first: {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (first: {unexpected[0]})")
+        raise CheckpointError(f"{source}: does not fit the model: " + ", ".join(parts))
+    model.load_state_dict(state, strict=False)

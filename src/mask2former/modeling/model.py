@@ -1,0 +1,115 @@
+"""The meta-architecture: backbone -> pixel decoder -> transformer decoder -> (class logits, mask logits)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..config import ModelConfig
+from .backbone import Backbone
+from .pixel_decoder import FPNPixelDecoder, MSDeformAttnPixelDecoder
+from .transformer_decoder import MaskedTransformerDecoder, StandardTransformerDecoder
+
+
+@dataclass
+class Mask2FormerOutput:
+    """``pred_logits`` [B, Q, K+1] (last = no object), ``pred_masks`` [B, Q, H/4, W/4] mask logits, and
+    ``aux_outputs``: the earlier predictions, oldest first, as ``{"pred_logits", "pred_masks"}`` dicts.
+    ``piloted``: MP-Former's mask-piloted predictions (training only), same layout, or None."""
+
+    pred_logits: Tensor
+    pred_masks: Tensor
+    aux_outputs: list[dict[str, Tensor]] = field(default_factory=list)
+    piloted: dict[str, Any] | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"pred_logits": self.pred_logits, "pred_masks": self.pred_masks, "aux_outputs": self.aux_outputs}
+
+
+class Mask2Former(nn.Module):
+    """Mask2Former (default) or MaskFormer (``pixel_decoder="fpn"``, ``transformer_decoder="standard"``)."""
+
+    def __init__(self, config: ModelConfig | None = None, labels: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.config = config = config or ModelConfig()
+        # The label space (LabelSpace.to_dict()) travels with the weights so a checkpoint knows its classes.
+        self.labels = labels
+        self.backbone = Backbone(config.backbone)
+        in_channels = self.backbone.out_channels
+        if config.pixel_decoder == "msdeformattn":
+            self.pixel_decoder: nn.Module = MSDeformAttnPixelDecoder(
+                in_channels, config.conv_dim, config.mask_dim, config.enc_layers, config.num_heads,
+                config.enc_points, config.enc_ffn_dim, config.enc_dropout,
+            )
+            memory_channels = config.conv_dim
+        elif config.pixel_decoder == "fpn":
+            self.pixel_decoder = FPNPixelDecoder(in_channels, config.conv_dim, config.mask_dim)
+            memory_channels = in_channels[-1]
+        else:
+            raise ValueError(f"unknown pixel_decoder {config.pixel_decoder!r} (msdeformattn or fpn)")
+        if config.transformer_decoder == "masked":
+            if config.pixel_decoder != "msdeformattn":
+                raise ValueError("the masked decoder needs the three maps of the msdeformattn pixel decoder")
+            self.transformer_decoder: nn.Module = MaskedTransformerDecoder(
+                memory_channels, config.num_classes, config.hidden_dim, config.num_queries, config.num_heads,
+                config.dim_feedforward, config.dec_layers, config.mask_dim, config.query_pos,
+            )
+        elif config.transformer_decoder == "standard":
+            if config.pixel_decoder == "msdeformattn":
+                memory_channels = config.conv_dim  # attend to the encoder's 1/32 output
+            self.transformer_decoder = StandardTransformerDecoder(
+                memory_channels, config.num_classes, config.hidden_dim, config.num_queries, config.num_heads,
+                config.dim_feedforward, config.dec_layers, config.mask_dim, config.dropout, config.enforce_input_proj,
+            )
+        else:
+            raise ValueError(f"unknown transformer_decoder {config.transformer_decoder!r} (masked or standard)")
+        self.register_buffer("pixel_mean", torch.tensor(config.pixel_mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(config.pixel_std).view(1, 3, 1, 1), persistent=False)
+
+    @property
+    def num_classes(self) -> int:
+        return self.config.num_classes
+
+    def normalize(self, images: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        """uint8 or 0-255 float RGB [B, 3, H, W] -> normalised float. Padded pixels (``padding_mask`` True) become
+        0 after normalisation, as the reference pads the normalised batch with zeros."""
+        images = (images.to(self.pixel_mean.dtype) - self.pixel_mean) / self.pixel_std
+        if padding_mask is not None:
+            images = images.masked_fill(padding_mask.unsqueeze(1), 0.0)
+        return images
+
+    def forward(self, images: Tensor, piloting=None) -> Mask2FormerOutput:
+        """images: normalised [B, 3, H, W] with H, W multiples of ``size_divisibility``."""
+        features = self.backbone(images)
+        mask_features, multi_scale = self.pixel_decoder(features)
+        predictions = self.transformer_decoder(multi_scale, mask_features, piloting)
+        if piloting is not None:
+            predictions, piloted = piloting.split_predictions(predictions)
+        else:
+            piloted = None
+        aux = [{"pred_logits": logits, "pred_masks": masks} for logits, masks in predictions[:-1]]
+        return Mask2FormerOutput(predictions[-1][0], predictions[-1][1], aux, piloted)
+
+    # ----- checkpoints -------------------------------------------------------------------------------------
+
+    def save_pretrained(self, path: str | Path, extra: dict[str, Any] | None = None) -> None:
+        """Write ``config.yaml`` (model config + label space) and ``model.safetensors`` into directory ``path``."""
+        from ..interop.checkpoint import save_pretrained
+
+        save_pretrained(self, path, extra)
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, config: str | None = None, num_classes: int | None = None, map_location: str = "cpu",
+    ) -> "Mask2Former":
+        """Load our own directory, a transformers Mask2Former directory (config.json + model.safetensors), or an
+        official detectron2 ``model_final_*.pkl`` (pass ``config``: the preset it was trained with).
+
+        ``num_classes``: build a model with another class count; everything but the class head is loaded."""
+        from ..interop.checkpoint import load_pretrained
+
+        return load_pretrained(cls, path, config=config, num_classes=num_classes, map_location=map_location)

@@ -1,0 +1,91 @@
+"""Multi-scale deformable attention (Deformable DETR), pure PyTorch.
+
+The sampling core is plain ``grid_sample`` so it runs on any device; a faster kernel may replace
+``ms_deform_attn_core`` at run time (see ``kernels/``) and is checked against this path.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def ms_deform_attn_core(
+    value: Tensor, spatial_shapes: list[tuple[int, int]], sampling_locations: Tensor, attention_weights: Tensor
+) -> Tensor:
+    """Bilinearly sample every level of ``value`` and sum the samples with ``attention_weights``.
+
+    value: [B, S, heads, D] with S = sum(h*w); sampling_locations: [B, Lq, heads, L, P, 2] in [0, 1] (x, y);
+    attention_weights: [B, Lq, heads, L, P]. Returns [B, Lq, heads*D].
+    """
+    batch, _, heads, head_dim = value.shape
+    _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
+    value_list = value.split([h * w for h, w in spatial_shapes], dim=1)
+    grids = 2 * sampling_locations - 1
+    sampled = []
+    for level, (height, width) in enumerate(spatial_shapes):
+        # [B, h*w, heads, D] -> [B*heads, D, h, w]
+        value_l = value_list[level].permute(0, 2, 3, 1).reshape(batch * heads, head_dim, height, width)
+        # [B, Lq, heads, P, 2] -> [B*heads, Lq, P, 2]
+        grid_l = grids[:, :, :, level].transpose(1, 2).flatten(0, 1)
+        sampled.append(F.grid_sample(value_l, grid_l, mode="bilinear", padding_mode="zeros", align_corners=False))
+    # [B*heads, D, Lq, L*P] weighted by [B*heads, 1, Lq, L*P]
+    samples = torch.stack(sampled, dim=-2).flatten(-2)
+    weights = attention_weights.transpose(1, 2).reshape(batch * heads, 1, num_queries, num_levels * num_points)
+    output = (samples * weights).sum(-1).view(batch, heads * head_dim, num_queries)
+    return output.transpose(1, 2)
+
+
+class MSDeformAttn(nn.Module):
+    """Each query attends to ``num_points`` learned offsets around its reference point on every level."""
+
+    def __init__(self, embed_dim: int = 256, num_levels: int = 3, num_heads: int = 8, num_points: int = 4) -> None:
+        super().__init__()
+        if embed_dim % num_heads != 0:
+            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
+        self.embed_dim = embed_dim
+        self.num_levels = num_levels
+        self.num_heads = num_heads
+        self.num_points = num_points
+        self.sampling_offsets = nn.Linear(embed_dim, num_heads * num_levels * num_points * 2)
+        self.attention_weights = nn.Linear(embed_dim, num_heads * num_levels * num_points)
+        self.value_proj = nn.Linear(embed_dim, embed_dim)
+        self.output_proj = nn.Linear(embed_dim, embed_dim)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # Offsets start as rings of points in 8 (num_heads) directions, one ring per point index;
+        # attention starts uniform. This is Deformable DETR's initialisation.
+        nn.init.zeros_(self.sampling_offsets.weight)
+        angles = torch.arange(self.num_heads, dtype=torch.float32) * (2.0 * math.pi / self.num_heads)
+        directions = torch.stack([angles.cos(), angles.sin()], -1)
+        directions = directions / directions.abs().max(-1, keepdim=True)[0]
+        grid = directions.view(self.num_heads, 1, 1, 2).repeat(1, self.num_levels, self.num_points, 1)
+        grid = grid * torch.arange(1, self.num_points + 1, dtype=torch.float32).view(1, 1, -1, 1)
+        with torch.no_grad():
+            self.sampling_offsets.bias.copy_(grid.flatten())
+        nn.init.zeros_(self.attention_weights.weight)
+        nn.init.zeros_(self.attention_weights.bias)
+        nn.init.xavier_uniform_(self.value_proj.weight)
+        nn.init.zeros_(self.value_proj.bias)
+        nn.init.xavier_uniform_(self.output_proj.weight)
+        nn.init.zeros_(self.output_proj.bias)
+
+    def forward(
+        self, query: Tensor, reference_points: Tensor, value: Tensor, spatial_shapes: list[tuple[int, int]]
+    ) -> Tensor:
+        """query: [B, Lq, C]; reference_points: [B, Lq, L, 2] normalised (x, y); value: [B, S, C]."""
+        batch, num_queries, _ = query.shape
+        heads, levels, points = self.num_heads, self.num_levels, self.num_points
+        value = self.value_proj(value).view(batch, value.shape[1], heads, self.embed_dim // heads)
+        offsets = self.sampling_offsets(query).view(batch, num_queries, heads, levels, points, 2)
+        weights = self.attention_weights(query).view(batch, num_queries, heads, levels * points)
+        weights = weights.softmax(-1).view(batch, num_queries, heads, levels, points)
+        # Offsets are in pixels of each level: normalise by that level's (width, height).
+        normalizer = torch.tensor([[w, h] for h, w in spatial_shapes], dtype=query.dtype, device=query.device)
+        locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
+        output = ms_deform_attn_core(value, spatial_shapes, locations, weights)
+        return self.output_proj(output)

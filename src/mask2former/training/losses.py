@@ -1,0 +1,78 @@
+"""Binary mask losses and their pairwise (matching-cost) forms.
+
+Every function takes logits and soft targets flattened to `[N, P]` (P = points or pixels).
+Per-mask losses return the sum over masks divided by `num_masks`; pairwise costs return a
+`[num_preds, num_targets]` matrix of per-pair mean/ratio values, built with matmuls so that
+the `[num_preds, num_targets, P]` tensor is never materialised.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def sigmoid_ce_loss(logits: Tensor, targets: Tensor, num_masks: float) -> Tensor:
+    """Binary cross-entropy with logits, mean over points, summed over masks, / num_masks."""
+    per_point = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    return per_point.mean(1).sum() / num_masks
+
+
+def dice_loss(logits: Tensor, targets: Tensor, num_masks: float) -> Tensor:
+    """1 - (2 sum(p t) + 1) / (sum(p) + sum(t) + 1) per mask with p = sigmoid, summed, / num_masks."""
+    probs = logits.sigmoid()
+    numerator = 2 * (probs * targets).sum(-1)
+    denominator = probs.sum(-1) + targets.sum(-1)
+    return (1 - (numerator + 1) / (denominator + 1)).sum() / num_masks
+
+
+def sigmoid_focal_loss(
+    logits: Tensor, targets: Tensor, num_masks: float, alpha: float = 0.25, gamma: float = 2.0
+) -> Tensor:
+    """Focal loss (RetinaNet) per point, mean over points, summed over masks, / num_masks.
+    A negative `alpha` disables the class-balance factor."""
+    probs = logits.sigmoid()
+    ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    p_correct = probs * targets + (1 - probs) * (1 - targets)
+    loss = ce * (1 - p_correct) ** gamma
+    if alpha >= 0:
+        loss = (alpha * targets + (1 - alpha) * (1 - targets)) * loss
+    return loss.mean(1).sum() / num_masks
+
+
+def pairwise_sigmoid_ce_cost(logits: Tensor, targets: Tensor) -> Tensor:
+    """Mean-over-points BCE for every (prediction, target) pair: `[Q,P] x [G,P] -> [Q,G]`.
+
+    BCE(x, t) = t * BCE(x, 1) + (1 - t) * BCE(x, 0), so the pair sum splits into two matmuls.
+    """
+    num_points = logits.shape[1]
+    ce_pos = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits), reduction="none")
+    ce_neg = F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits), reduction="none")
+    return (ce_pos @ targets.T + ce_neg @ (1 - targets).T) / num_points
+
+
+def pairwise_dice_cost(logits: Tensor, targets: Tensor) -> Tensor:
+    """Dice loss for every (prediction, target) pair: `[Q,P] x [G,P] -> [Q,G]`."""
+    probs = logits.sigmoid()
+    numerator = 2 * probs @ targets.T
+    denominator = probs.sum(-1)[:, None] + targets.sum(-1)[None, :]
+    return 1 - (numerator + 1) / (denominator + 1)
+
+
+def pairwise_sigmoid_focal_cost(logits: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
+    """Mean-over-points focal loss for every (prediction, target) pair: `[Q,P] x [G,P] -> [Q,G]`.
+
+    Splits the loss into its t=1 and t=0 parts, so it equals `sigmoid_focal_loss` per pair only for
+    binary targets (MaskFormer's matcher nearest-downsamples the masks, so they are binary).
+    """
+    num_points = logits.shape[1]
+    probs = logits.sigmoid()
+    focal_pos = (1 - probs) ** gamma * F.binary_cross_entropy_with_logits(
+        logits, torch.ones_like(logits), reduction="none"
+    )
+    focal_neg = probs**gamma * F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits), reduction="none")
+    if alpha >= 0:
+        focal_pos = focal_pos * alpha
+        focal_neg = focal_neg * (1 - alpha)
+    return (focal_pos @ targets.T + focal_neg @ (1 - targets).T) / num_points

@@ -1,0 +1,67 @@
+"""Point sampling for the mask losses: bilinear reads at normalised coordinates and
+PointRend-style uncertainty-guided importance sampling (Mask2Former §3.3)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def point_sample(inputs: Tensor, coords: Tensor) -> Tensor:
+    """Bilinearly read `inputs[N,C,H,W]` at `coords[N,P,2]` (x, y in [0, 1]) -> `[N,C,P]`.
+
+    Coordinates are relative to the whole map with pixel centres at (i + 0.5) / size
+    (grid_sample with align_corners=False); points outside the map read zeros.
+    """
+    if inputs.dim() != 4 or coords.dim() != 3 or coords.shape[-1] != 2:
+        raise ValueError(
+            f"point_sample: expected inputs [N,C,H,W] and coords [N,P,2], got {tuple(inputs.shape)} and {tuple(coords.shape)}"
+        )
+    grid = (2.0 * coords - 1.0).unsqueeze(2).to(inputs.dtype)  # [N,P,1,2] in grid_sample's [-1, 1]
+    return F.grid_sample(inputs, grid, mode="bilinear", padding_mode="zeros", align_corners=False).squeeze(3)
+
+
+def mask_uncertainty(mask_logits: Tensor) -> Tensor:
+    """Uncertainty of a binary mask logit: highest (0) at the decision boundary."""
+    return -mask_logits.abs()
+
+
+@torch.no_grad()
+def uncertain_point_coords(
+    mask_logits: Tensor,
+    num_points: int = 12544,
+    oversample_ratio: float = 3.0,
+    importance_sample_ratio: float = 0.75,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Pick `num_points` coordinates per mask in [0, 1]^2, biased towards uncertain logits.
+
+    Draws `num_points * oversample_ratio` uniform points per mask, keeps the
+    `importance_sample_ratio * num_points` with the highest uncertainty (-|logit|), then
+    appends uniform points for the rest. `mask_logits` is `[N,1,H,W]`; returns `[N,num_points,2]`.
+    The two random draws happen in this order (oversampled, then the uniform remainder) so that
+    runs with the same RNG state see the same points. `generator` must live on the logits' device.
+    """
+    if mask_logits.dim() != 4 or mask_logits.shape[1] != 1:
+        raise ValueError(f"uncertain_point_coords: expected mask_logits [N,1,H,W], got {tuple(mask_logits.shape)}")
+    if oversample_ratio < 1:
+        raise ValueError(f"uncertain_point_coords: oversample_ratio must be >= 1, got {oversample_ratio}")
+    if not 0 <= importance_sample_ratio <= 1:
+        raise ValueError(
+            f"uncertain_point_coords: importance_sample_ratio must be in [0, 1], got {importance_sample_ratio}"
+        )
+    num_masks = mask_logits.shape[0]
+    device = mask_logits.device
+    num_sampled = int(num_points * oversample_ratio)
+    num_uncertain = int(importance_sample_ratio * num_points)
+    num_uniform = num_points - num_uncertain
+
+    candidates = torch.rand(num_masks, num_sampled, 2, device=device, generator=generator)
+    uncertainty = mask_uncertainty(point_sample(mask_logits, candidates))[:, 0]  # [N, num_sampled]
+    top = uncertainty.topk(num_uncertain, dim=1).indices  # [N, num_uncertain]
+    coords = torch.gather(candidates, 1, top.unsqueeze(-1).expand(-1, -1, 2))
+    if num_uniform > 0:
+        uniform = torch.rand(num_masks, num_uniform, 2, device=device, generator=generator)
+        coords = torch.cat([coords, uniform.to(coords.dtype)], dim=1)
+    return coords
