@@ -94,7 +94,7 @@ class DataConfig:
     augmentation: str = "lsj"  # lsj | semantic | none
     min_scale: float = 0.1
     max_scale: float = 2.0
-    crop_size: int = 256
+    crop_size: tuple[int, int] = (256, 256)
     num_workers: int = 2
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -197,6 +197,12 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
         return value
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):
+        # YAML 1.1 reads "2e-4" (no dot) as a string.
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if hint in (int, float, str, bool) and not (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
         raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r}")
     return value

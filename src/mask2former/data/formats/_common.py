@@ -8,7 +8,6 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from ..label_space import LabelSpace
 
 Transforms = Callable[[dict[str, Any]], dict[str, Any]] | None
 
@@ -79,12 +78,6 @@ def masks_from_semantic(semantic: np.ndarray, ignore_index: int) -> tuple[np.nda
     classes = classes[classes != ignore_index]
     masks = semantic[None, :, :] == classes[:, None, None]
     return classes.astype(np.int64), masks
-
-
-def semantic_label_space_or_default(label_space: LabelSpace | None, num_classes: int) -> LabelSpace:
-    if label_space is not None:
-        return label_space
-    return LabelSpace(names=[f"class_{index}" for index in range(num_classes)], is_thing=[False] * num_classes)
 
 
 def apply_transforms(sample: dict[str, Any], transforms: Transforms) -> dict[str, Any]:

@@ -1,0 +1,334 @@
+"""Overlays of semantic, instance and panoptic results (and of ground truth) drawn with PIL.
+
+Each segment is blended with its class colour, outlined with a 1-pixel border in that colour and labelled
+with the class name (and score for predictions); a legend lists the classes shown. Colours are stable per
+class: they come from ``label_space.colors`` when set, else from a fixed palette indexed by class id.
+``label_space`` is anything with ``names`` (and optionally ``colors`` and ``ignore_index``), such as
+``mask2former.data.label_space.LabelSpace``.
+"""
+
+from __future__ import annotations
+
+import colorsys
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from torch import Tensor
+
+__all__ = [
+    "default_palette",
+    "class_color",
+    "to_pil_image",
+    "draw_semantic",
+    "draw_instances",
+    "draw_panoptic",
+    "draw_sample",
+    "visualize",
+    "side_by_side",
+    "compare",
+    "save_png",
+]
+
+Color = tuple[int, int, int]
+_TEXT_COLOR: Color = (255, 255, 255)
+_TEXT_BACKGROUND: Color = (0, 0, 0)
+_PANEL_BACKGROUND: Color = (255, 255, 255)
+
+
+def default_palette(num_colors: int) -> list[Color]:
+    """Deterministic, well-separated colours: golden-ratio hue steps with alternating saturation/value."""
+    colors = []
+    for index in range(num_colors):
+        hue = (index * 0.618033988749895) % 1.0
+        saturation = 0.65 + 0.3 * ((index // 3) % 2)
+        value = 0.95 - 0.25 * ((index // 2) % 2)
+        red, green, blue = colorsys.hsv_to_rgb(hue, saturation, value)
+        colors.append((round(red * 255), round(green * 255), round(blue * 255)))
+    return colors
+
+
+def class_color(label_space: Any, class_id: int) -> Color:
+    """The colour of a contiguous class id: ``label_space.colors[class_id]`` if set, else the default palette."""
+    num_classes = len(label_space.names)
+    if not 0 <= class_id < num_classes:
+        raise ValueError(f"class id {class_id} outside [0, {num_classes})")
+    colors = getattr(label_space, "colors", None)
+    if colors:
+        return tuple(int(c) for c in colors[class_id])  # type: ignore[return-value]
+    return default_palette(num_classes)[class_id]
+
+
+def to_pil_image(image: Any) -> Image.Image:
+    """RGB PIL image from a path, PIL image, uint8/float [3, H, W] tensor (0-255) or [H, W, 3] array."""
+    if isinstance(image, (str, Path)):
+        return Image.open(image).convert("RGB")
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if isinstance(image, Tensor):
+        if image.dim() != 3 or image.shape[0] not in (1, 3):
+            raise ValueError(f"image tensor must be [3, H, W], got {tuple(image.shape)}")
+        array = image.detach().cpu().float().clamp(0, 255).round().to(torch.uint8).expand(3, -1, -1)
+        return Image.fromarray(array.permute(1, 2, 0).numpy())
+    array = np.asarray(image)
+    if array.ndim == 2:
+        array = np.stack([array] * 3, -1)
+    if array.ndim != 3 or array.shape[2] != 3:
+        raise ValueError(f"image array must be [H, W, 3], got {array.shape}")
+    return Image.fromarray(np.clip(array, 0, 255).astype(np.uint8))
+
+
+def _font() -> ImageFont.ImageFont:
+    return ImageFont.load_default()
+
+
+def _boundary(mask: np.ndarray) -> np.ndarray:
+    """Mask pixels with a 4-neighbour outside the mask (image edges count as outside)."""
+    padded = np.pad(mask, 1, constant_values=False)
+    interior = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+    return mask & ~interior
+
+
+def _label_anchor(mask: np.ndarray) -> tuple[int, int]:
+    """The mask pixel closest to the mask's centroid (x, y), so the label sits on the segment."""
+    rows, cols = np.nonzero(mask)
+    center_y, center_x = rows.mean(), cols.mean()
+    nearest = int(np.argmin((rows - center_y) ** 2 + (cols - center_x) ** 2))
+    return int(cols[nearest]), int(rows[nearest])
+
+
+def _draw_label(draw: ImageDraw.ImageDraw, anchor: tuple[int, int], text: str, size: tuple[int, int]) -> None:
+    font = _font()
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    text_w, text_h = right - left + 4, bottom - top + 4
+    x = min(max(anchor[0] - text_w // 2, 0), max(size[0] - text_w, 0))
+    y = min(max(anchor[1] - text_h // 2, 0), max(size[1] - text_h, 0))
+    draw.rectangle([x, y, x + text_w - 1, y + text_h - 1], fill=_TEXT_BACKGROUND)
+    draw.text((x + 2 - left, y + 2 - top), text, fill=_TEXT_COLOR, font=font)
+
+
+def _overlay(
+    image: Image.Image,
+    segments: Sequence[tuple[np.ndarray, Color, str | None]],
+    alpha: float,
+    legend: Sequence[tuple[str, Color]] | None,
+) -> Image.Image:
+    """Blend each (mask, colour, label) into the image, outline it, label it, then add the legend."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    base = np.asarray(image, dtype=np.float32).copy()
+    for mask, color, _ in segments:
+        base[mask] = (1.0 - alpha) * base[mask] + alpha * np.asarray(color, dtype=np.float32)
+    for mask, color, _ in segments:
+        base[_boundary(mask)] = color
+    canvas = Image.fromarray(base.round().astype(np.uint8))
+    draw = ImageDraw.Draw(canvas)
+    for mask, _, text in segments:
+        if text and mask.any():
+            _draw_label(draw, _label_anchor(mask), text, canvas.size)
+    if legend:
+        canvas = _with_legend(canvas, legend)
+    return canvas
+
+
+def _with_legend(canvas: Image.Image, entries: Sequence[tuple[str, Color]]) -> Image.Image:
+    """A white panel on the right with one colour swatch and name per entry."""
+    font = _font()
+    probe = ImageDraw.Draw(canvas)
+    line_h = max(probe.textbbox((0, 0), name, font=font)[3] for name, _ in entries) + 6
+    text_w = max(probe.textlength(name, font=font) for name, _ in entries)
+    swatch = line_h - 4
+    panel_w = int(8 + swatch + 6 + text_w + 8)
+    panel_h = max(canvas.height, 8 + line_h * len(entries))
+    result = Image.new("RGB", (canvas.width + panel_w, panel_h), _PANEL_BACKGROUND)
+    result.paste(canvas, (0, 0))
+    draw = ImageDraw.Draw(result)
+    for row, (name, color) in enumerate(entries):
+        y = 4 + row * line_h
+        x = canvas.width + 8
+        draw.rectangle([x, y, x + swatch - 1, y + swatch - 1], fill=color, outline=(0, 0, 0))
+        draw.text((x + swatch + 6, y), name, fill=(0, 0, 0), font=font)
+    return result
+
+
+def _legend_entries(label_space: Any, class_ids: Sequence[int]) -> list[tuple[str, Color]]:
+    return [(label_space.names[c], class_color(label_space, c)) for c in sorted(set(class_ids))]
+
+
+def _check_size(array: np.ndarray, image: Image.Image, what: str) -> None:
+    if array.shape[-2:] != (image.height, image.width):
+        raise ValueError(f"{what} size {tuple(array.shape[-2:])} != image size {(image.height, image.width)}")
+
+
+def _numpy(tensor: Any) -> np.ndarray:
+    return tensor.detach().cpu().numpy() if isinstance(tensor, Tensor) else np.asarray(tensor)
+
+
+def draw_semantic(
+    image: Any, semantic: Any, label_space: Any, alpha: float = 0.5, legend: bool = True
+) -> Image.Image:
+    """Overlay a class-id map [H, W] (or class scores [K, H, W]); ``ignore_index`` pixels stay uncoloured."""
+    picture = to_pil_image(image)
+    class_map = _numpy(semantic)
+    if class_map.ndim == 3:
+        class_map = class_map.argmax(0)
+    _check_size(class_map, picture, "semantic map")
+    ignore_index = getattr(label_space, "ignore_index", 255)
+    num_classes = len(label_space.names)
+    present = [int(c) for c in np.unique(class_map) if c != ignore_index]
+    for class_id in present:
+        if not 0 <= class_id < num_classes:
+            raise ValueError(f"semantic map has class id {class_id} outside [0, {num_classes}) and != {ignore_index}")
+    segments = [
+        (class_map == c, class_color(label_space, c), label_space.names[c]) for c in present
+    ]
+    return _overlay(picture, segments, alpha, _legend_entries(label_space, present) if legend else None)
+
+
+def draw_instances(
+    image: Any,
+    instances: Mapping[str, Any],
+    label_space: Any,
+    score_threshold: float = 0.5,
+    alpha: float = 0.5,
+    legend: bool = True,
+) -> Image.Image:
+    """Overlay instances (``masks``, ``labels``, optional ``scores``); those scoring below the threshold are not drawn.
+
+    Lower-scoring instances are drawn first so the most confident ones end up on top.
+    """
+    picture = to_pil_image(image)
+    masks = _numpy(instances["masks"]).astype(bool)
+    labels = _numpy(instances["labels"]).astype(np.int64).reshape(-1)
+    scores = instances.get("scores")
+    scores = None if scores is None else _numpy(scores).astype(np.float64).reshape(-1)
+    if masks.ndim != 3 or masks.shape[0] != labels.shape[0]:
+        raise ValueError(f"instance masks {masks.shape} do not match {labels.shape[0]} labels")
+    if masks.shape[0]:
+        _check_size(masks, picture, "instance masks")
+    order = np.arange(labels.shape[0]) if scores is None else np.argsort(scores, kind="stable")
+    segments, shown = [], []
+    for index in order:
+        if scores is not None and scores[index] < score_threshold:
+            continue
+        label = int(labels[index])
+        text = label_space.names[label] if scores is None else f"{label_space.names[label]} {scores[index]:.2f}"
+        segments.append((masks[index], class_color(label_space, label), text))
+        shown.append(label)
+    return _overlay(picture, segments, alpha, _legend_entries(label_space, shown) if legend and shown else None)
+
+
+def draw_panoptic(
+    image: Any,
+    segment_map: Any,
+    segments_info: Sequence[Mapping[str, Any]],
+    label_space: Any,
+    alpha: float = 0.5,
+    legend: bool = True,
+) -> Image.Image:
+    """Overlay a panoptic result: ``segment_map`` [H, W] (0 = void) with ``segments_info`` entries."""
+    picture = to_pil_image(image)
+    ids = _numpy(segment_map)
+    _check_size(ids, picture, "segment map")
+    segments, shown = [], []
+    for info in segments_info:
+        label = int(info["category_id"])
+        name = label_space.names[label]
+        text = f"{name} {info['score']:.2f}" if "score" in info else name
+        segments.append((ids == int(info["id"]), class_color(label_space, label), text))
+        shown.append(label)
+    return _overlay(picture, segments, alpha, _legend_entries(label_space, shown) if legend and shown else None)
+
+
+def draw_sample(sample: Mapping[str, Any], task: str, label_space: Any, image: Any = None, **kwargs) -> Image.Image:
+    """Draw a sample's ground truth (INTERFACES.md sample dict) for ``task``; crowd segments are labelled."""
+    picture = sample["image"] if image is None else image
+    if task == "semantic":
+        return draw_semantic(picture, sample["semantic"], label_space, **kwargs)
+    labels = _numpy(sample["labels"]).reshape(-1)
+    crowd = _numpy(sample.get("iscrowd", np.zeros_like(labels, dtype=bool))).reshape(-1).astype(bool)
+    masks = _numpy(sample["masks"]).astype(bool)
+    if task == "instance":
+        # the label text cannot say "crowd" through draw_instances, so build the overlay here
+        pil = to_pil_image(picture)
+        if masks.shape[0]:
+            _check_size(masks, pil, "sample masks")
+        segments = [
+            (masks[i], class_color(label_space, int(labels[i])), label_space.names[int(labels[i])] + (" (crowd)" if crowd[i] else ""))
+            for i in range(labels.shape[0])
+        ]
+        legend = kwargs.get("legend", True) and labels.shape[0] > 0
+        return _overlay(pil, segments, kwargs.get("alpha", 0.5), _legend_entries(label_space, labels.tolist()) if legend else None)
+    if task == "panoptic":
+        segment_map = np.zeros(masks.shape[-2:], dtype=np.int32)
+        infos = []
+        for i in range(labels.shape[0]):
+            segment_map[masks[i]] = i + 1
+            infos.append({"id": i + 1, "category_id": int(labels[i])})
+        return draw_panoptic(picture, segment_map, infos, label_space, **kwargs)
+    raise ValueError(f"task must be 'semantic', 'instance' or 'panoptic', got {task!r}")
+
+
+def visualize(image: Any, result: Any, task: str, label_space: Any, **kwargs) -> Image.Image:
+    """Draw a post-processed result of ``task`` (the Predictor's / ``batch_postprocess``'s output) on the image."""
+    if task == "semantic":
+        return draw_semantic(image, result, label_space, **kwargs)
+    if task == "instance":
+        return draw_instances(image, result, label_space, **kwargs)
+    if task == "panoptic":
+        segment_map, segments_info = result
+        return draw_panoptic(image, segment_map, segments_info, label_space, **kwargs)
+    raise ValueError(f"task must be 'semantic', 'instance' or 'panoptic', got {task!r}")
+
+
+def side_by_side(
+    left: Image.Image, right: Image.Image, titles: Sequence[str] | None = ("ground truth", "prediction"), gap: int = 8
+) -> Image.Image:
+    """Two images next to each other on a white canvas, with optional titles above them."""
+    font = _font()
+    title_h = 0
+    if titles:
+        probe = ImageDraw.Draw(left)
+        title_h = max(probe.textbbox((0, 0), t, font=font)[3] for t in titles) + 6
+    width = left.width + gap + right.width
+    height = title_h + max(left.height, right.height)
+    canvas = Image.new("RGB", (width, height), _PANEL_BACKGROUND)
+    canvas.paste(left, (0, title_h))
+    canvas.paste(right, (left.width + gap, title_h))
+    if titles:
+        draw = ImageDraw.Draw(canvas)
+        draw.text((2, 2), titles[0], fill=(0, 0, 0), font=font)
+        draw.text((left.width + gap + 2, 2), titles[1], fill=(0, 0, 0), font=font)
+    return canvas
+
+
+def compare(
+    sample: Mapping[str, Any],
+    result: Any,
+    task: str,
+    label_space: Any,
+    path: str | Path | None = None,
+    image: Any = None,
+    **kwargs,
+) -> Image.Image:
+    """Ground truth (left) vs prediction (right) for one sample; written as PNG when ``path`` is given."""
+    picture = sample["image"] if image is None else image
+    kwargs.setdefault("legend", True)
+    truth = draw_sample(sample, task, label_space, image=picture, **{k: v for k, v in kwargs.items() if k in ("alpha", "legend")})
+    prediction = visualize(picture, result, task, label_space, **kwargs)
+    combined = side_by_side(truth, prediction)
+    if path is not None:
+        save_png(combined, path)
+    return combined
+
+
+def save_png(image: Image.Image, path: str | Path) -> Path:
+    """Write ``image`` as PNG (parent folders are created)."""
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise ValueError(f"{path}: visualisations are written as .png")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, format="PNG")
+    return path
