@@ -2,14 +2,14 @@
 
 Each segment is blended with its class colour, outlined with a 1-pixel border in that colour and labelled
 with the class name (and score for predictions); a legend lists the classes shown. Colours are stable per
-class: they come from ``label_space.colors`` when set, else from a fixed palette indexed by class id.
+class: they come from ``label_space.colors`` (LabelSpace's deterministic defaults when a duck-typed
+object has none).
 ``label_space`` is anything with ``names`` (and optionally ``colors`` and ``ignore_index``), such as
 ``mask2former.data.label_space.LabelSpace``.
 """
 
 from __future__ import annotations
 
-import colorsys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -18,8 +18,9 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
+from .data.label_space import default_colors
+
 __all__ = [
-    "default_palette",
     "class_color",
     "to_pil_image",
     "draw_semantic",
@@ -38,27 +39,15 @@ _TEXT_BACKGROUND: Color = (0, 0, 0)
 _PANEL_BACKGROUND: Color = (255, 255, 255)
 
 
-def default_palette(num_colors: int) -> list[Color]:
-    """Deterministic, well-separated colours: golden-ratio hue steps with alternating saturation/value."""
-    colors = []
-    for index in range(num_colors):
-        hue = (index * 0.618033988749895) % 1.0
-        saturation = 0.65 + 0.3 * ((index // 3) % 2)
-        value = 0.95 - 0.25 * ((index // 2) % 2)
-        red, green, blue = colorsys.hsv_to_rgb(hue, saturation, value)
-        colors.append((round(red * 255), round(green * 255), round(blue * 255)))
-    return colors
-
-
 def class_color(label_space: Any, class_id: int) -> Color:
-    """The colour of a contiguous class id: ``label_space.colors[class_id]`` if set, else the default palette."""
+    """The colour of a contiguous class id: ``label_space.colors[class_id]`` if set, else LabelSpace's default."""
     num_classes = len(label_space.names)
     if not 0 <= class_id < num_classes:
         raise ValueError(f"class id {class_id} outside [0, {num_classes})")
     colors = getattr(label_space, "colors", None)
     if colors:
         return tuple(int(c) for c in colors[class_id])  # type: ignore[return-value]
-    return default_palette(num_classes)[class_id]
+    return default_colors(num_classes)[class_id]
 
 
 def to_pil_image(image: Any) -> Image.Image:

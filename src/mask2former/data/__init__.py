@@ -1,0 +1,34 @@
+"""Data layer: label space, image/label reading, format readers, FashionScenes, transforms and collate."""
+
+from .collate import collate
+from .export import export_fashion_scenes, export_samples
+from .fashion_scenes import FashionScenes, fashion_scenes_label_space
+from .formats import (
+    ADE20KDataset,
+    CityscapesDataset,
+    CocoInstanceDataset,
+    CocoPanopticDataset,
+    FolderDataset,
+    ade20k_label_space,
+    cityscapes_label_space,
+)
+from .image_io import read_image, read_label_png
+from .label_space import LabelSpace
+
+__all__ = [
+    "ADE20KDataset",
+    "CityscapesDataset",
+    "CocoInstanceDataset",
+    "CocoPanopticDataset",
+    "FashionScenes",
+    "FolderDataset",
+    "LabelSpace",
+    "ade20k_label_space",
+    "cityscapes_label_space",
+    "collate",
+    "export_fashion_scenes",
+    "export_samples",
+    "fashion_scenes_label_space",
+    "read_image",
+    "read_label_png",
+]

@@ -42,7 +42,7 @@ def _open_decoded(path: str | Path, what: str) -> Image.Image:
 def _to_rgb_array(image: Image.Image) -> np.ndarray:
     mode = image.mode
     if mode == "RGB":
-        return np.asarray(image, dtype=np.uint8)
+        return np.array(image, dtype=np.uint8)
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         # 16-bit grayscale (Pillow opens 16-bit PNGs as I;16 or I): keep the top 8 bits.
         values = np.asarray(image).astype(np.int64)
@@ -52,7 +52,7 @@ def _to_rgb_array(image: Image.Image) -> np.ndarray:
         gray = np.clip(np.rint(np.asarray(image, dtype=np.float64)), 0, 255).astype(np.uint8)
         return np.repeat(gray[:, :, None], 3, axis=2)
     # L, LA, RGBA, RGBa, P, PA, CMYK, YCbCr, LAB, HSV, 1: PIL's own conversion (alpha dropped, palette applied).
-    return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    return np.array(image.convert("RGB"), dtype=np.uint8)
 
 
 def read_image(path: str | Path) -> torch.Tensor:
@@ -63,7 +63,7 @@ def read_image(path: str | Path) -> torch.Tensor:
         array = _to_rgb_array(image)
     except (OSError, ValueError) as error:
         raise ValueError(f"cannot read image file {path}: {_one_line(error)}") from None
-    return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).contiguous()
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
 def read_label_png(path: str | Path) -> np.ndarray:

@@ -56,7 +56,7 @@ class Mask2Former(nn.Module):
                 raise ValueError("the masked decoder needs the three maps of the msdeformattn pixel decoder")
             self.transformer_decoder: nn.Module = MaskedTransformerDecoder(
                 memory_channels, config.num_classes, config.hidden_dim, config.num_queries, config.num_heads,
-                config.dim_feedforward, config.dec_layers, config.mask_dim, config.query_pos,
+                config.dim_feedforward, config.dec_layers, config.mask_dim, config.query_pos, config.enforce_input_proj,
             )
         elif config.transformer_decoder == "standard":
             if config.pixel_decoder == "msdeformattn":

@@ -135,14 +135,15 @@ class MaskedTransformerDecoder(nn.Module):
         num_layers: int = 9,
         mask_dim: int = 256,
         query_pos: bool = True,
+        enforce_input_proj: bool = False,
     ) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.position_encoding = SinePositionEncoding(hidden_dim // 2)
         self.level_embed = nn.Embedding(self.num_levels, hidden_dim)
-        # The reference projects memory only when its width differs from the decoder's.
+        # The reference projects memory only when its width differs from the decoder's (or when told to).
         self.input_proj = nn.ModuleList(
-            nn.Conv2d(in_channels, hidden_dim, 1) if in_channels != hidden_dim else nn.Identity()
+            nn.Conv2d(in_channels, hidden_dim, 1) if in_channels != hidden_dim or enforce_input_proj else nn.Identity()
             for _ in range(self.num_levels)
         )
         self.query_feat = nn.Embedding(num_queries, hidden_dim)

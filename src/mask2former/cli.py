@@ -1,0 +1,155 @@
+"""``mask2former`` command line: train, evaluate, predict, export, serve, data export.
+
+Every command takes ``--config`` (a preset name or YAML file) and ``key=value`` overrides. Errors are one line on
+stderr with a non-zero exit code (``--debug`` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+DEFAULT_PRESET = "fashion_scenes_lite0"
+
+
+def _add_config_args(parser: argparse.ArgumentParser, default: str | None = DEFAULT_PRESET) -> None:
+    parser.add_argument("--config", default=default, help=f"preset name or YAML file (default: {default})")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. solver.max_iter=100")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mask2former", description=__doc__.splitlines()[0])
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train a model (default: the CPU FashionScenes preset)")
+    _add_config_args(train)
+    train.add_argument("--resume", action="store_true", help="continue from the last checkpoint in train.output_dir")
+
+    evaluate = commands.add_parser("evaluate", help="PQ / AP / mIoU of a checkpoint on a data set")
+    evaluate.add_argument("--checkpoint", required=True, help="checkpoint directory (ours, transformers) or detectron2 .pkl")
+    _add_config_args(evaluate)
+    evaluate.add_argument("--tasks", default="panoptic,instance,semantic", help="comma-separated tasks to evaluate")
+    evaluate.add_argument("--out", default=None, help="write the metrics as JSON here")
+    evaluate.add_argument("--device", default="cpu")
+
+    predict = commands.add_parser("predict", help="segment images and write overlays + JSON")
+    predict.add_argument("images", nargs="+", help="image files")
+    source = predict.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="checkpoint directory or detectron2 .pkl")
+    source.add_argument("--onnx", help="an ONNX model written by `mask2former export` (with its config.yaml beside it)")
+    predict.add_argument("--task", default="panoptic", choices=["semantic", "instance", "panoptic"])
+    predict.add_argument("--out", default="predictions", help="output directory")
+    predict.add_argument("--device", default="cpu")
+    predict.add_argument("--min-size", type=int, default=None, help="resize the shortest edge to this (default: keep)")
+    predict.add_argument("--max-size", type=int, default=None)
+    predict.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+
+    export = commands.add_parser("export", help="export the inference graph (no post-processing)")
+    export.add_argument("--checkpoint", required=True)
+    export.add_argument("--format", default="onnx", choices=["onnx"])
+    export.add_argument("--out", default="model.onnx")
+    export.add_argument("--height", type=int, default=256)
+    export.add_argument("--width", type=int, default=256)
+
+    serve = commands.add_parser("serve", help="local web demo + JSON API")
+    serve.add_argument("--checkpoint", required=True)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--device", default="cpu")
+
+    data = commands.add_parser("data", help="data set tools")
+    data_commands = data.add_subparsers(dest="data_command", required=True)
+    data_export = data_commands.add_parser("export", help="write a built-in data set in a real format")
+    data_export.add_argument("dataset", choices=["fashion-scenes"])
+    data_export.add_argument("out", help="output directory")
+    data_export.add_argument("--format", default="coco-panoptic", choices=["coco-panoptic", "coco-instance", "semantic-png"])
+    data_export.add_argument("--split", default="val", choices=["train", "val", "test"])
+    data_export.add_argument("--num-images", type=int, default=100)
+    data_export.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _load_config(args):
+    from .config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def cmd_train(args) -> int:
+    from .train import run_train
+
+    run_train(_load_config(args), resume=args.resume)
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluation.evaluator import evaluate_checkpoint
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    metrics = evaluate_checkpoint(args.checkpoint, _load_config(args), tasks=tasks, device=args.device, out=args.out)
+    print(metrics["table"])
+    if args.out:
+        print(f"metrics written to {args.out}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from .inference.predict_files import predict_files
+
+    written = predict_files(
+        args.images, checkpoint=args.checkpoint, onnx=args.onnx, task=args.task, out_dir=args.out, device=args.device,
+        min_size=args.min_size, max_size=args.max_size, precision=args.precision,
+    )
+    print(f"wrote {len(written)} files to {args.out}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .interop.onnx import export_onnx
+
+    report = export_onnx(args.checkpoint, args.out, height=args.height, width=args.width)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from .serve.app import serve
+
+    serve(args.checkpoint, host=args.host, port=args.port, device=args.device)
+    return 0
+
+
+def cmd_data(args) -> int:
+    from .data.export import export_fashion_scenes
+
+    export_fashion_scenes(args.out, format=args.format, split=args.split, num_images=args.num_images, seed=args.seed)
+    print(f"wrote {args.num_images} {args.split} images of FashionScenes as {args.format} to {args.out}")
+    return 0
+
+
+COMMANDS = {
+    "train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "export": cmd_export, "serve": cmd_serve,
+    "data": cmd_data,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # noqa: BLE001 - the CLI turns every failure into one line
+        if args.debug:
+            raise
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"mask2former {args.command}: error: {message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""Writing samples to real on-disk formats: COCO panoptic, COCO instances (RLE) and semantic PNG folders.
+
+Layouts under ``out_dir`` (images are written as lossless PNGs so a read-back is bit-identical):
+- ``"coco-panoptic"``: ``images/<split>/``, ``panoptic_<split>/*.png``, ``panoptic_<split>.json``
+  (read with ``CocoPanopticDataset(out/panoptic_<split>.json, out/images/<split>)``);
+- ``"coco-instance"``: ``images/<split>/``, ``instances_<split>.json`` with thing classes only
+  (read with ``CocoInstanceDataset(out/instances_<split>.json, out/images/<split>)``);
+- ``"semantic-png"``: ``images/<split>/``, ``labels/<split>/*.png`` (contiguous ids, ``ignore_index`` unlabelled) and
+  ``classes.yaml`` (read with ``FolderDataset(out, split)``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import pycocotools.mask as mask_utils
+from PIL import Image
+
+from .formats.coco_panoptic import id_to_rgb, rgb_to_id
+from .label_space import LabelSpace
+
+FORMATS = ("coco-panoptic", "coco-instance", "semantic-png")
+
+
+def _stem(image_id: Any, split: str) -> str:
+    if isinstance(image_id, (int, np.integer)):
+        return f"{split}_{int(image_id):06d}"
+    return str(image_id)
+
+
+def _bbox(mask: np.ndarray) -> list[int]:
+    """COCO ``[x, y, width, height]`` of a mask's pixels (zeros for an empty mask)."""
+    rows, cols = np.nonzero(mask)
+    if len(rows) == 0:
+        return [0, 0, 0, 0]
+    return [int(cols.min()), int(rows.min()), int(cols.max() - cols.min() + 1), int(rows.max() - rows.min() + 1)]
+
+
+def _unique_segment_id(color: tuple[int, int, int], used: set[int]) -> int:
+    """A segment id whose RGB is the category colour, jittered until unused and non-zero (readable PNGs)."""
+    step = 0
+    candidate = int(rgb_to_id(np.array(color, dtype=np.uint8)))
+    while candidate == 0 or candidate in used:
+        step += 1
+        jittered = np.array([(color[0] + 53 * step) % 256, (color[1] + 97 * step) % 256,
+                             (color[2] + 193 * step) % 256], dtype=np.uint8)
+        candidate = int(rgb_to_id(jittered))
+    used.add(candidate)
+    return candidate
+
+
+def _write_image(image: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.ascontiguousarray(image.permute(1, 2, 0).numpy())).save(path)
+
+
+def _sample_arrays(sample: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return (sample["labels"].numpy(), sample["masks"].numpy().astype(bool), sample["iscrowd"].numpy().astype(bool))
+
+
+def export_samples(samples: Iterable[dict[str, Any]], label_space: LabelSpace, out_dir: str | Path,
+                   format: str = "coco-panoptic", split: str = "val") -> dict[str, Path]:
+    """Write sample dicts in ``format``; returns the paths written (``images``, ``annotations``, ...)."""
+    if format not in FORMATS:
+        raise ValueError(f"export: format must be one of {FORMATS}, got {format!r}")
+    out_dir = Path(out_dir)
+    image_dir = out_dir / "images" / split
+    image_dir.mkdir(parents=True, exist_ok=True)
+    images_json: list[dict[str, Any]] = []
+    annotations_json: list[dict[str, Any]] = []
+    panoptic_dir = out_dir / f"panoptic_{split}"
+    label_dir = out_dir / "labels" / split
+    next_annotation_id = 1  # pycocotools treats annotation id 0 as "unmatched"
+
+    for sample in samples:
+        image = sample["image"]
+        height, width = int(image.shape[1]), int(image.shape[2])
+        stem = _stem(sample["image_id"], split)
+        _write_image(image, image_dir / f"{stem}.png")
+        images_json.append({"id": sample["image_id"], "file_name": f"{stem}.png", "height": height, "width": width})
+        labels, masks, iscrowd = _sample_arrays(sample)
+
+        if format == "coco-panoptic":
+            if masks.shape[0] and (masks.sum(axis=0) > 1).any():
+                raise ValueError(f"export: segments of sample {sample['image_id']!r} overlap; the panoptic format "
+                                 f"needs disjoint segments")
+            segment_map = np.zeros((height, width), dtype=np.int64)
+            used: set[int] = set()
+            segments_info = []
+            for label, mask, crowd in zip(labels.tolist(), masks, iscrowd.tolist()):
+                if not mask.any():
+                    raise ValueError(f"export: sample {sample['image_id']!r} has an empty {label_space.names[label]!r} "
+                                     f"segment, which a panoptic PNG cannot hold")
+                segment_id = _unique_segment_id(label_space.colors[label], used)
+                segment_map[mask] = segment_id
+                segments_info.append({"id": segment_id, "category_id": label_space.to_dataset(label),
+                                      "iscrowd": int(crowd), "area": int(mask.sum()), "bbox": _bbox(mask)})
+            panoptic_dir.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(id_to_rgb(segment_map)).save(panoptic_dir / f"{stem}.png")
+            annotations_json.append({"image_id": sample["image_id"], "file_name": f"{stem}.png",
+                                     "segments_info": segments_info})
+        elif format == "coco-instance":
+            for label, mask, crowd in zip(labels.tolist(), masks, iscrowd.tolist()):
+                if not label_space.is_thing[label]:
+                    continue
+                rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+                annotations_json.append({
+                    "id": next_annotation_id, "image_id": sample["image_id"],
+                    "category_id": label_space.to_dataset(label),
+                    "segmentation": {"size": [height, width], "counts": rle["counts"].decode("ascii")},
+                    "area": int(mask.sum()), "bbox": _bbox(mask), "iscrowd": int(crowd),
+                })
+                next_annotation_id += 1
+        else:
+            semantic = sample["semantic"].numpy()
+            dtype = np.uint8 if semantic.max(initial=0) < 256 else np.uint16
+            label_dir.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(semantic.astype(dtype)).save(label_dir / f"{stem}.png")
+
+    written: dict[str, Path] = {"images": image_dir}
+    if format == "coco-panoptic":
+        path = out_dir / f"panoptic_{split}.json"
+        _dump_json(path, {"images": images_json, "annotations": annotations_json,
+                          "categories": label_space.to_coco_categories()})
+        written.update(annotations=path, panoptic=panoptic_dir)
+    elif format == "coco-instance":
+        path = out_dir / f"instances_{split}.json"
+        categories = [{key: category[key] for key in ("id", "name", "supercategory")}
+                      for category in label_space.to_coco_categories() if category["isthing"]]
+        _dump_json(path, {"images": images_json, "annotations": annotations_json, "categories": categories})
+        written.update(annotations=path)
+    else:
+        path = out_dir / "classes.yaml"
+        LabelSpace(names=label_space.names, is_thing=label_space.is_thing, ignore_index=label_space.ignore_index,
+                   colors=label_space.colors).to_yaml(path)
+        written.update(annotations=path, labels=label_dir)
+    return written
+
+
+def _dump_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        json.dump(data, handle)
+
+
+def export_fashion_scenes(out_dir: str | Path, format: str = "coco-panoptic", split: str = "val",
+                          num_images: int = 100, seed: int = 0, image_size: int | tuple[int, int] = 256,
+                          source: str = "auto") -> dict[str, Path]:
+    """Generate FashionScenes and write them in ``format`` (see the module docstring for the layout)."""
+    from .fashion_scenes import FashionScenes
+
+    dataset = FashionScenes(split=split, num_images=num_images, seed=seed, image_size=image_size, source=source)
+    return export_samples((dataset[index] for index in range(len(dataset))), dataset.label_space, out_dir,
+                          format=format, split=split)

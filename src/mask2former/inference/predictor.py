@@ -1,0 +1,207 @@
+"""``Predictor``: images of any size and type in, semantic / instance / panoptic results out."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+
+from ..data.image_io import read_image
+from ..data.label_space import LabelSpace
+from ..modeling.model import Mask2Former
+from .postprocess import batch_postprocess
+
+ImageInput = str | Path | Image.Image | np.ndarray | Tensor
+
+
+def to_uint8_chw(image: ImageInput, where: str = "image") -> Tensor:
+    """Path / PIL / numpy HWC (uint8, or float in [0, 1]) / tensor CHW -> uint8 RGB [3, H, W]."""
+    if isinstance(image, (str, Path)):
+        return read_image(image)
+    if isinstance(image, Image.Image):
+        return torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1)
+    if isinstance(image, np.ndarray):
+        array = image
+        if array.ndim == 2:
+            array = np.repeat(array[:, :, None], 3, axis=2)
+        if array.ndim != 3 or array.shape[2] not in (3, 4):
+            raise ValueError(f"{where}: expected an HxWx3 array, got shape {array.shape}")
+        array = array[:, :, :3]
+        tensor = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1)
+        return _to_uint8(tensor, where)
+    if isinstance(image, Tensor):
+        tensor = image
+        if tensor.dim() == 2:
+            tensor = tensor.unsqueeze(0).expand(3, -1, -1)
+        if tensor.dim() != 3 or tensor.shape[0] != 3:
+            raise ValueError(f"{where}: expected a [3, H, W] tensor, got shape {tuple(tensor.shape)}")
+        return _to_uint8(tensor.cpu(), where)
+    raise TypeError(f"{where}: unsupported image type {type(image).__name__} (path, PIL image, numpy array or tensor)")
+
+
+def _to_uint8(tensor: Tensor, where: str) -> Tensor:
+    if tensor.dtype == torch.uint8:
+        return tensor
+    if not tensor.is_floating_point():
+        raise ValueError(f"{where}: integer images must be uint8, got {tensor.dtype}")
+    if not torch.isfinite(tensor).all():
+        raise ValueError(f"{where}: image contains NaN or infinite values")
+    # Floats are taken as [0, 1] (torchvision convention) unless they are clearly 0-255.
+    scale = 255.0 if tensor.max() <= 1.0 else 1.0
+    return (tensor * scale).round().clamp(0, 255).to(torch.uint8)
+
+
+def resize_shortest_edge(image: Tensor, min_size: int | None, max_size: int | None) -> Tensor:
+    """detectron2's ResizeShortestEdge at test time (bilinear); ``None`` keeps the size."""
+    if not min_size:
+        return image
+    height, width = image.shape[-2:]
+    scale = min_size / min(height, width)
+    if max_size and max(height, width) * scale > max_size:
+        scale = max_size / max(height, width)
+    new_h, new_w = int(height * scale + 0.5), int(width * scale + 0.5)
+    if (new_h, new_w) == (height, width):
+        return image
+    resized = F.interpolate(image[None].float(), size=(new_h, new_w), mode="bilinear", align_corners=False)
+    return resized[0].round().clamp(0, 255).to(torch.uint8)
+
+
+class Predictor:
+    """Run a model on images of any size.
+
+    ``Predictor(model_or_path, task="panoptic", device="cpu")``; ``predictor(image)`` returns one result,
+    ``predictor([image, ...])`` a list. Results per task:
+
+    - semantic: ``LongTensor[H, W]`` class ids;
+    - instance: ``{"masks": bool[N, H, W], "labels", "scores", "boxes" (xyxy)}``;
+    - panoptic: ``(segment_map int32[H, W], segments_info)`` with ``{id, category_id, isthing, score, area}``.
+    """
+
+    def __init__(
+        self,
+        model_or_path: Mask2Former | str | Path,
+        task: str = "panoptic",
+        device: str | torch.device = "cpu",
+        min_size: int | None = None,
+        max_size: int | None = None,
+        batch_size: int = 4,
+        precision: str = "fp32",
+        label_space: LabelSpace | None = None,
+        object_mask_threshold: float = 0.8,
+        overlap_threshold: float = 0.8,
+        top_k: int = 100,
+    ) -> None:
+        if task not in ("semantic", "instance", "panoptic"):
+            raise ValueError(f"task must be semantic, instance or panoptic, got {task!r}")
+        if precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
+        self.device = torch.device(device)
+        model = model_or_path if isinstance(model_or_path, Mask2Former) else Mask2Former.from_pretrained(model_or_path)
+        self.model = model.to(self.device).eval()
+        self.task = task
+        self.min_size, self.max_size = min_size, max_size
+        self.batch_size = batch_size
+        self.precision = precision
+        if label_space is None and model.labels is not None:
+            label_space = LabelSpace.from_dict(model.labels)
+        self.label_space = label_space
+        if label_space is not None:
+            if label_space.num_classes != model.num_classes:
+                raise ValueError(
+                    f"label space has {label_space.num_classes} classes but the model predicts {model.num_classes}"
+                )
+            self.is_thing = label_space.is_thing_tensor()
+        else:
+            # Without a label space every class is a thing: no stuff merging is done.
+            self.is_thing = torch.ones(model.num_classes, dtype=torch.bool)
+        self.postprocess_options = dict(
+            object_mask_threshold=object_mask_threshold, overlap_threshold=overlap_threshold, top_k=top_k
+        )
+
+    def __call__(self, images: ImageInput | Sequence[ImageInput]) -> Any:
+        single = not isinstance(images, (list, tuple))
+        results = [r[self.task] for r in self.predict_tasks([images] if single else list(images), (self.task,))]
+        return results[0] if single else results
+
+    def predict_tasks(self, images: Sequence[ImageInput], tasks: Sequence[str]) -> list[dict[str, Any]]:
+        """One forward pass per batch, post-processed for each of ``tasks``: a ``{task: result}`` per image."""
+        prepared = []
+        for index, image in enumerate(images):
+            original = to_uint8_chw(image, f"image {index}")
+            prepared.append((tuple(original.shape[-2:]), resize_shortest_edge(original, self.min_size, self.max_size)))
+        # Batch only images that pad to the same size, so that a result never depends on its batch-mates'
+        # padding: batched results equal single-image results.
+        groups: dict[tuple[int, int], list[int]] = {}
+        for index, (_, image) in enumerate(prepared):
+            groups.setdefault(padded_size(image.shape[-2:], self.model.config.size_divisibility), []).append(index)
+        results: list[dict[str, Any]] = [{} for _ in images]
+        for indices in groups.values():
+            for start in range(0, len(indices), self.batch_size):
+                chunk = indices[start : start + self.batch_size]
+                batch_results = self._predict_batch([prepared[i][1] for i in chunk], [prepared[i][0] for i in chunk], tasks)
+                for index, result in zip(chunk, batch_results):
+                    results[index] = result
+        return results
+
+    def _autocast(self):
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    @torch.inference_mode()
+    def _predict_batch(
+        self, images: list[Tensor], original_sizes: list[tuple[int, int]], tasks: Sequence[str]
+    ) -> list[dict[str, Any]]:
+        batch, padding_mask, image_sizes = pad_batch(images, self.model.config.size_divisibility)
+        batch, padding_mask = batch.to(self.device), padding_mask.to(self.device)
+        with self._autocast():
+            outputs = self.model(self.model.normalize(batch, padding_mask))
+        outputs.pred_logits = outputs.pred_logits.float()
+        outputs.pred_masks = outputs.pred_masks.float()
+        is_thing = self.is_thing.to(self.device)
+        per_task = {
+            task: batch_postprocess(
+                outputs, image_sizes, original_sizes, task, is_thing, padded_size=tuple(batch.shape[-2:]),
+                **self.postprocess_options,
+            )
+            for task in tasks
+        }
+        return [{task: _to_cpu(per_task[task][i]) for task in tasks} for i in range(len(images))]
+
+
+def padded_size(size: Sequence[int], size_divisibility: int) -> tuple[int, int]:
+    height, width = int(size[0]), int(size[1])
+    if size_divisibility > 1:
+        height = -(-height // size_divisibility) * size_divisibility
+        width = -(-width // size_divisibility) * size_divisibility
+    return height, width
+
+
+def pad_batch(images: list[Tensor], size_divisibility: int = 32) -> tuple[Tensor, Tensor, list[tuple[int, int]]]:
+    """Stack uint8 [3, h, w] images into [B, 3, H, W], zero-padded bottom/right to a multiple of
+    ``size_divisibility``; returns the batch, the padding mask (True = padded) and the sizes before padding."""
+    sizes = [(int(image.shape[-2]), int(image.shape[-1])) for image in images]
+    height, width = padded_size((max(h for h, _ in sizes), max(w for _, w in sizes)), size_divisibility)
+    batch = images[0].new_zeros((len(images), 3, height, width))
+    padding_mask = torch.ones(len(images), height, width, dtype=torch.bool)
+    for index, (image, (h, w)) in enumerate(zip(images, sizes)):
+        batch[index, :, :h, :w] = image
+        padding_mask[index, :h, :w] = False
+    return batch, padding_mask, sizes
+
+
+def _to_cpu(result: Any) -> Any:
+    if isinstance(result, Tensor):
+        return result.cpu()
+    if isinstance(result, tuple):
+        return tuple(_to_cpu(r) for r in result)
+    if isinstance(result, dict):
+        return {k: _to_cpu(v) for k, v in result.items()}
+    return result

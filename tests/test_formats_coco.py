@@ -1,0 +1,150 @@
+import json
+
+import numpy as np
+import pycocotools.mask as mask_utils
+import pytest
+import torch
+from PIL import Image
+from pycocotools.coco import COCO
+
+from mask2former.data.formats.coco import CocoInstanceDataset
+
+HEIGHT, WIDTH = 8, 10
+
+
+def hand_masks():
+    polygon = np.zeros((HEIGHT, WIDTH), dtype=bool)
+    polygon[1:3, 1:4] = True  # polygon (1,1)-(4,1)-(4,3)-(1,3) covers x in [1,4), y in [1,3)
+    crowd = np.zeros((HEIGHT, WIDTH), dtype=bool)
+    crowd[:, 0:2] = True  # uncompressed RLE [0, 16, 64]: columns 0-1 (column-major counts)
+    compressed = np.zeros((HEIGHT, WIDTH), dtype=bool)
+    compressed[5:8, 6:10] = True
+    compressed[2, 2] = True  # overlaps the polygon: later annotations win in the semantic map
+    return polygon, crowd, compressed
+
+
+def write_fixture(tmp_path, annotations=None, images=None, categories=None):
+    image_dir = tmp_path / "images"
+    image_dir.mkdir(exist_ok=True)
+    rng = np.random.default_rng(0)
+    for name in ("a.png", "b.png"):
+        Image.fromarray(rng.integers(0, 256, (HEIGHT, WIDTH, 3), dtype=np.uint8)).save(image_dir / name)
+    _, _, compressed = hand_masks()
+    rle = mask_utils.encode(np.asfortranarray(compressed.astype(np.uint8)))
+    data = {
+        "images": images or [{"id": 1, "file_name": "a.png", "height": HEIGHT, "width": WIDTH},
+                             {"id": 2, "file_name": "b.png", "height": HEIGHT, "width": WIDTH}],
+        "annotations": annotations if annotations is not None else [
+            {"id": 10, "image_id": 1, "category_id": 5, "iscrowd": 0,
+             "segmentation": [[1, 1, 4, 1, 4, 3, 1, 3]], "area": 6, "bbox": [1, 1, 3, 2]},
+            {"id": 11, "image_id": 1, "category_id": 1, "iscrowd": 1,
+             "segmentation": {"size": [HEIGHT, WIDTH], "counts": [0, 16, 64]}, "area": 16, "bbox": [0, 0, 2, 8]},
+            {"id": 12, "image_id": 1, "category_id": 1, "iscrowd": 0,
+             "segmentation": {"size": [HEIGHT, WIDTH], "counts": rle["counts"].decode("ascii")}, "area": 13,
+             "bbox": [2, 2, 8, 6]},
+        ],
+        "categories": categories or [{"id": 5, "name": "dog"}, {"id": 1, "name": "person"}],
+    }
+    path = tmp_path / "instances.json"
+    path.write_text(json.dumps(data))
+    return path, image_dir
+
+
+def test_polygon_and_rle_masks_crowd_and_semantic(tmp_path):
+    path, image_dir = write_fixture(tmp_path)
+    dataset = CocoInstanceDataset(path, image_dir)
+    assert dataset.label_space.names == ["person", "dog"] and dataset.label_space.dataset_ids == [1, 5]
+    sample = dataset[0]
+    polygon, crowd, compressed = hand_masks()
+    assert sample["labels"].tolist() == [1, 0, 0]
+    assert sample["iscrowd"].tolist() == [False, True, False]
+    assert sample["masks"].dtype == torch.bool and tuple(sample["masks"].shape) == (3, HEIGHT, WIDTH)
+    for got, expected in zip(sample["masks"].numpy(), (polygon, crowd, compressed)):
+        assert np.array_equal(got, expected)
+    semantic = np.full((HEIGHT, WIDTH), 255)
+    semantic[polygon] = 1
+    semantic[crowd] = 0
+    semantic[compressed] = 0
+    assert sample["semantic"].dtype == torch.int64 and np.array_equal(sample["semantic"].numpy(), semantic)
+    assert sample["image_id"] == 1 and sample["file_name"].endswith("a.png") and sample["orig_size"] == (HEIGHT, WIDTH)
+    assert np.array_equal(sample["image"].permute(1, 2, 0).numpy(), np.asarray(Image.open(image_dir / "a.png")))
+
+
+def test_masks_match_pycocotools_annToMask(tmp_path):
+    path, image_dir = write_fixture(tmp_path)
+    coco = COCO(str(path))
+    sample = CocoInstanceDataset(path, image_dir)[0]
+    for got, annotation_id in zip(sample["masks"].numpy(), (10, 11, 12)):
+        assert np.array_equal(got, coco.annToMask(coco.anns[annotation_id]).astype(bool))
+
+
+def test_image_without_annotations_is_kept(tmp_path):
+    path, image_dir = write_fixture(tmp_path)
+    dataset = CocoInstanceDataset(path, image_dir)
+    assert len(dataset) == 2
+    sample = dataset[1]
+    assert sample["image_id"] == 2
+    assert sample["labels"].shape == (0,) and tuple(sample["masks"].shape) == (0, HEIGHT, WIDTH)
+    assert sample["iscrowd"].shape == (0,) and bool((sample["semantic"] == 255).all())
+
+
+def test_empty_polygons_dropped_with_warning(tmp_path):
+    annotations = [
+        {"id": 20, "image_id": 1, "category_id": 5, "segmentation": [], "iscrowd": 0},
+        {"id": 21, "image_id": 1, "category_id": 5, "segmentation": [[1, 2, 3, 4]], "iscrowd": 0},  # 2 points only
+        {"id": 22, "image_id": 1, "category_id": 5, "segmentation": [[], [1, 1, 4, 1, 4, 3, 1, 3]], "iscrowd": 0},
+    ]
+    path, image_dir = write_fixture(tmp_path, annotations=annotations)
+    with pytest.warns(UserWarning, match=r"instances\.json: dropped 2 annotation\(s\) .*\[20, 21\]"):
+        dataset = CocoInstanceDataset(path, image_dir)
+    assert dataset.dropped_annotation_ids == [20, 21]
+    sample = dataset[0]
+    assert sample["labels"].tolist() == [1]  # annotation 22 keeps its one valid polygon
+    assert np.array_equal(sample["masks"][0].numpy(), hand_masks()[0])
+
+
+def test_annotation_for_missing_image_is_an_error(tmp_path):
+    annotations = [{"id": 30, "image_id": 99, "category_id": 5, "segmentation": [[1, 1, 4, 1, 4, 3]]}]
+    path, image_dir = write_fixture(tmp_path, annotations=annotations)
+    with pytest.raises(ValueError, match=r"instances\.json: annotation 30 refers to missing image id 99"):
+        CocoInstanceDataset(path, image_dir)
+
+
+def test_unknown_category_id_is_an_error(tmp_path):
+    annotations = [{"id": 31, "image_id": 1, "category_id": 7, "segmentation": [[1, 1, 4, 1, 4, 3]]}]
+    path, image_dir = write_fixture(tmp_path, annotations=annotations)
+    with pytest.raises(ValueError, match=r"instances\.json annotation 31: unknown category id 7\b"):
+        CocoInstanceDataset(path, image_dir)
+
+
+def test_image_size_differs_from_json(tmp_path):
+    images = [{"id": 1, "file_name": "a.png", "height": HEIGHT + 1, "width": WIDTH}]
+    path, image_dir = write_fixture(tmp_path, annotations=[], images=images)
+    with pytest.raises(ValueError, match=r"image .*a\.png is 10x8 \(WxH\) but .*instances\.json says 10x9"):
+        CocoInstanceDataset(path, image_dir)[0]
+
+
+def test_rle_size_differs_from_image(tmp_path):
+    annotations = [{"id": 40, "image_id": 1, "category_id": 5, "iscrowd": 1,
+                    "segmentation": {"size": [HEIGHT, WIDTH + 1], "counts": [0, 88]}}]
+    path, image_dir = write_fixture(tmp_path, annotations=annotations)
+    with pytest.raises(ValueError, match=r"annotation 40: RLE size \[8, 11\]"):
+        CocoInstanceDataset(path, image_dir)[0]
+
+
+def test_missing_image_file(tmp_path):
+    path, image_dir = write_fixture(tmp_path)
+    (image_dir / "b.png").unlink()
+    with pytest.raises(FileNotFoundError, match=r"b\.png"):
+        CocoInstanceDataset(path, image_dir)[1]
+
+
+def test_missing_annotation_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"annotation file not found: .*none\.json"):
+        CocoInstanceDataset(tmp_path / "none.json", tmp_path)
+
+
+def test_transforms_are_applied(tmp_path):
+    path, image_dir = write_fixture(tmp_path)
+    dataset = CocoInstanceDataset(path, image_dir, transforms=lambda sample: {**sample, "seen": True})
+    assert dataset[0]["seen"] is True
