@@ -10,7 +10,7 @@ transformers' Mask2FormerLoss / MaskFormerLoss run the same way as peers when in
 
     python benchmarks/loss_memory.py [--device cpu|cuda] [--batch-size 1]
 
-Results are merged into benchmarks/results/loss_memory.json under the device type.
+Results are merged into benchmarks/results/loss_memory.json under `<device>_<size>px_batch<B>`.
 """
 
 from __future__ import annotations
@@ -160,7 +160,8 @@ def main():
     if args.worker:
         return worker(args)
 
-    config = {k: getattr(args, k) for k in ("batch_size", "queries", "layers", "targets", "image_size", "num_classes", "num_points")}
+    keys = ("batch_size", "queries", "layers", "targets", "image_size", "num_classes", "num_points")
+    config = {k: getattr(args, k) for k in keys}
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in config.items()] + [f"--device={args.device}"]
     results = {}
     for variant in args.variants:
@@ -187,13 +188,14 @@ def main():
         "config": config,
         "variants": results,
     }
-    for ours, theirs, name in (("full", "points", "ratio_full_over_points"), ("hf_full", "hf_points", "ratio_hf_full_over_hf_points")):
+    ratios = (("full", "points", "ratio_full_over_points"), ("hf_full", "hf_points", "ratio_hf_full_over_hf_points"))
+    for ours, theirs, name in ratios:
         if ours in results and theirs in results:
             record[name] = round(results[ours]["peak_bytes"] / max(results[theirs]["peak_bytes"], 1), 2)
             print(f"{name}: {record[name]}")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     merged = json.loads(args.output.read_text()) if args.output.exists() else {}
-    merged[torch.device(args.device).type] = record
+    merged[f"{torch.device(args.device).type}_{args.image_size}px_batch{args.batch_size}"] = record
     args.output.write_text(json.dumps(merged, indent=2) + "\n")
     print(f"wrote {args.output}")
 

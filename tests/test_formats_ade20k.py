@@ -60,7 +60,7 @@ def test_value_outside_label_space_is_an_error(tmp_path):
     raw = RAW.copy()
     raw[0, 0] = 151
     dataset = ADE20KDataset(write_fixture(tmp_path, raw=raw))
-    with pytest.raises(ValueError, match=r"label file .*ADE_train_00000001\.png contains unknown label value\(s\) \[151\]"):
+    with pytest.raises(ValueError, match=r"ADE_train_00000001\.png contains unknown label value\(s\) \[151\]"):
         dataset[0]
 
 

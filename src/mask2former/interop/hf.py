@@ -74,7 +74,8 @@ def hf_config_to_model_config(hf: dict[str, Any], where: str = "config.json") ->
     require(backbone["qkv_bias"] is True, "Swin qkv_bias=False is not supported")
     require(backbone["hidden_act"] == "gelu", f"Swin hidden_act {backbone['hidden_act']!r} (only 'gelu')")
     require(not backbone["use_absolute_embeddings"], "Swin use_absolute_embeddings=True is not supported")
-    require(abs(backbone["layer_norm_eps"] - 1e-5) < 1e-12, f"Swin layer_norm_eps {backbone['layer_norm_eps']} (only 1e-5)")
+    require(abs(backbone["layer_norm_eps"] - 1e-5) < 1e-12,
+            f"Swin layer_norm_eps {backbone['layer_norm_eps']} (only 1e-5)")
     require(hf.get("activation_function", "relu") == "relu",
             f"activation_function {hf.get('activation_function')!r} (only 'relu')")
     require(not hf.get("pre_norm", False), "pre_norm=True (a pre-norm decoder) is not supported")

@@ -6,6 +6,7 @@ CNNs come from timm with ``features_only=True``; Swin is our own module (see ``s
 from __future__ import annotations
 
 import timm
+import torch
 from timm.layers import freeze_batch_norm_2d
 from torch import Tensor, nn
 
@@ -24,6 +25,8 @@ class Backbone(nn.Module):
             variant = "_".join(name.split("_")[:2])
             if variant not in SWIN_SPECS:
                 raise ValueError(f"unknown Swin variant {name!r}; choose one of {sorted(SWIN_SPECS)}")
+            if config.pretrained:
+                raise ValueError(f"no offline ImageNet weights for {name!r}: load a checkpoint with from_pretrained instead")
             spec = SWIN_SPECS[variant]
             kwargs = dict(embed_dim=spec.embed_dim, depths=spec.depths, num_heads=spec.num_heads,
                           window_size=spec.window_size, drop_path_rate=config.drop_path_rate)
@@ -31,12 +34,12 @@ class Backbone(nn.Module):
             self.body = SwinTransformer(**kwargs)
             self.out_channels = list(self.body.out_channels)
         else:
-            self.body = timm.create_model(name, pretrained=False, features_only=True, **config.kwargs)
-            reductions = self.body.feature_info.reduction()
+            # Read the feature strides from a meta-device build, then build only the four levels we use.
+            with torch.device("meta"):
+                reductions = timm.create_model(name, features_only=True, **config.kwargs).feature_info.reduction()
             indices = [reductions.index(stride) for stride in (4, 8, 16, 32) if stride in reductions]
             if len(indices) != 4:
                 raise ValueError(f"timm model {name!r} does not provide features at strides 4/8/16/32: {reductions}")
-            # Rebuild with only the four levels we use, so unused stages are not computed.
             self.body = timm.create_model(name, pretrained=False, features_only=True, out_indices=indices, **config.kwargs)
             self.out_channels = list(self.body.feature_info.channels())
             if config.pretrained:

@@ -205,7 +205,9 @@ class SwinTransformer(nn.Module):
     ) -> None:
         super().__init__()
         self.patch_embed = PatchEmbed(embed_dim)
-        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        total = sum(depths)
+        # Linearly increasing stochastic depth, computed in Python so the module can be built on the meta device.
+        rates = [drop_path_rate * i / max(total - 1, 1) for i in range(total)]
         dims = [embed_dim * 2**i for i in range(len(depths))]
         self.layers = nn.ModuleList()
         for i, depth in enumerate(depths):

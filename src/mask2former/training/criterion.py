@@ -191,7 +191,9 @@ class SetCriterion(nn.Module):
         self, pred_logits: Tensor, targets: list[dict], indices: Indices, batch_idx: Tensor, query_idx: Tensor
     ) -> Tensor:
         """Weighted-mean CE over all B*Q queries (sum w_i nll_i / sum w_i), no-object weight for unmatched ones."""
-        target_classes = torch.full(pred_logits.shape[:2], self.num_classes, dtype=torch.int64, device=pred_logits.device)
+        target_classes = torch.full(
+            pred_logits.shape[:2], self.num_classes, dtype=torch.int64, device=pred_logits.device
+        )
         matched_labels = [t["labels"][j.to(t["labels"].device)] for t, (_, j) in zip(targets, indices)]
         target_classes[batch_idx, query_idx] = torch.cat(matched_labels).to(pred_logits.device)
         with torch.autocast(device_type=pred_logits.device.type, enabled=False):

@@ -27,7 +27,9 @@ def validate_targets(targets: list[dict], num_classes: int, batch_size: int) -> 
             raise ValueError(f"targets[{index}]: needs 'labels' and 'masks', got keys {sorted(target)}")
         labels, masks = target["labels"], target["masks"]
         if labels.dim() != 1 or labels.dtype != torch.int64:
-            raise ValueError(f"targets[{index}]['labels']: expected int64 [N], got {labels.dtype} {tuple(labels.shape)}")
+            raise ValueError(
+                f"targets[{index}]['labels']: expected int64 [N], got {labels.dtype} {tuple(labels.shape)}"
+            )
         if masks.dim() != 3 or masks.shape[0] != labels.shape[0]:
             raise ValueError(
                 f"targets[{index}]['masks']: expected [N={labels.shape[0]},H,W], got {tuple(masks.shape)}"
@@ -96,6 +98,10 @@ class HungarianMatcher(nn.Module):
         bad_images = []
         for b, target in enumerate(targets):
             if target["labels"].numel() == 0:
+                if self.mask_cost == "points":
+                    # Draw (and drop) the image's points anyway: the random stream then stays aligned
+                    # with the reference implementations, which sample before noticing there is no target.
+                    torch.rand(1, self.num_points, 2, device=pred_masks.device, generator=generator)
                 empty = torch.empty(0, dtype=torch.int64)
                 indices.append((empty, empty.clone()))
                 continue
@@ -105,7 +111,9 @@ class HungarianMatcher(nn.Module):
                 cost = torch.nan_to_num(cost, nan=COST_LIMIT, posinf=COST_LIMIT, neginf=COST_LIMIT)
             cost = cost.clamp(-COST_LIMIT, COST_LIMIT)
             query_idx, target_idx = linear_sum_assignment(cost.double().numpy())
-            indices.append((torch.as_tensor(query_idx, dtype=torch.int64), torch.as_tensor(target_idx, dtype=torch.int64)))
+            indices.append(
+                (torch.as_tensor(query_idx, dtype=torch.int64), torch.as_tensor(target_idx, dtype=torch.int64))
+            )
         if bad_images:
             self.num_nonfinite_warnings += 1
             warnings.warn(

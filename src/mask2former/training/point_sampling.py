@@ -16,7 +16,8 @@ def point_sample(inputs: Tensor, coords: Tensor) -> Tensor:
     """
     if inputs.dim() != 4 or coords.dim() != 3 or coords.shape[-1] != 2:
         raise ValueError(
-            f"point_sample: expected inputs [N,C,H,W] and coords [N,P,2], got {tuple(inputs.shape)} and {tuple(coords.shape)}"
+            "point_sample: expected inputs [N,C,H,W] and coords [N,P,2], "
+            f"got {tuple(inputs.shape)} and {tuple(coords.shape)}"
         )
     grid = (2.0 * coords - 1.0).unsqueeze(2).to(inputs.dtype)  # [N,P,1,2] in grid_sample's [-1, 1]
     return F.grid_sample(inputs, grid, mode="bilinear", padding_mode="zeros", align_corners=False).squeeze(3)

@@ -4,7 +4,8 @@ Layout (``split`` optional)::
 
     root/classes.yaml             # names: [sky, road, car]  (+ optional is_thing, dataset_ids, ignore_index, colors)
     root/images/[split/]a.jpg     # any image format
-    root/labels/[split/]a.png     # uint8 (or 16-bit) PNG; value = dataset id (default: class index), ignore_index = unlabelled
+    root/labels/[split/]a.png     # uint8 or 16-bit PNG: value = dataset id (default: class index),
+                                  # ignore_index = unlabelled
 
 The YAML may also use the ``classes: [{name, isthing, id, color}]`` form (see ``LabelSpace.from_yaml``). Each
 present class gives one mask (semantic PNGs cannot separate instances); any value not in the label space is an

@@ -1,0 +1,186 @@
+"""``mask2former train``: data sets, model, criterion and trainer from a :class:`Config`, then ``Trainer.fit``.
+
+Single process: ``mask2former train --config fashion_scenes_lite0``. Several (one per GPU, or CPU processes with
+gloo): ``torchrun --nproc_per_node N -m mask2former train ...``; ``solver.batch_size`` stays the global batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any, Callable
+
+from torch import nn
+
+from .config import Config, DataConfig
+
+logger = logging.getLogger("mask2former.train")
+
+DATASETS = ("fashion_scenes", "coco", "coco_panoptic", "ade20k", "cityscapes", "folder")
+
+
+def build_train_transforms(data: DataConfig) -> Callable | None:
+    """The ``data.augmentation`` recipe: ``lsj`` (COCO: flip + large-scale jitter to a square ``crop_size``),
+    ``semantic`` (ADE20K/Cityscapes: short side in ``{base * s}``, s from ``min_scale`` to ``max_scale`` by 0.1,
+    base = the longer crop side; ``crop_size`` crop; colour jitter; flip) or ``none``."""
+    from .data import transforms as T
+
+    crop_height, crop_width = data.crop_size
+    if data.augmentation == "none":
+        return None
+    if data.augmentation == "lsj":
+        if crop_height != crop_width:
+            raise ValueError(f"data.augmentation=lsj needs a square data.crop_size, got {list(data.crop_size)}")
+        return T.lsj_train_transforms(crop_height, data.min_scale, data.max_scale)
+    if data.augmentation == "semantic":
+        base = max(crop_height, crop_width)
+        steps = int(round((data.max_scale - data.min_scale) * 10))
+        lengths = sorted({int(base * (data.min_scale + 0.1 * step)) for step in range(steps + 1)})
+        return T.Compose([
+            T.ResizeShortestEdge(lengths, max_size=4 * base, sample_style="choice"),
+            T.RandomCrop((crop_height, crop_width)),
+            T.ColorJitter(),
+            T.RandomHorizontalFlip(),
+        ])
+    raise ValueError(f"data.augmentation must be lsj, semantic or none, got {data.augmentation!r}")
+
+
+def _extra_path(data: DataConfig, key: str, default: Path) -> Path:
+    value = data.extra.get(key)
+    return Path(value) if value else default
+
+
+def build_dataset(config: Config, split: str, train: bool) -> tuple[Any, Any]:
+    """``(dataset, label_space)`` for ``config.data`` and split name ``split``. Paths follow detectron2's layout
+    under ``data.root``; ``data.extra`` may override them per split: ``{train,val}_annotations``,
+    ``{train,val}_images``, ``{train,val}_panoptic``."""
+    data = config.data
+    transforms = build_train_transforms(data) if train else None
+    role = "train" if train else "val"
+    if data.dataset not in DATASETS:
+        raise ValueError(f"data.dataset must be one of {', '.join(DATASETS)}, got {data.dataset!r}")
+    if data.dataset == "fashion_scenes":
+        from .data import FashionScenes
+
+        dataset = FashionScenes(split=split, num_images=data.num_train_images if train else data.num_val_images,
+                                seed=data.seed, image_size=data.image_size, transforms=transforms)
+        return dataset, dataset.label_space
+    if not data.root:
+        raise ValueError(f"data.root is empty: set it to the {data.dataset} folder (data.root=PATH)")
+    root = Path(data.root)
+    if data.dataset == "coco":
+        from .data import CocoInstanceDataset
+
+        dataset = CocoInstanceDataset(
+            _extra_path(data, f"{role}_annotations", root / "annotations" / f"instances_{split}.json"),
+            _extra_path(data, f"{role}_images", root / split), transforms=transforms)
+    elif data.dataset == "coco_panoptic":
+        from .data import CocoPanopticDataset
+
+        panoptic_root = data.extra.get(f"{role}_panoptic")
+        if panoptic_root is None and (root / f"panoptic_{split}").is_dir():
+            panoptic_root = root / f"panoptic_{split}"  # detectron2's layout; else the JSON's sibling folder
+        dataset = CocoPanopticDataset(
+            _extra_path(data, f"{role}_annotations", root / "annotations" / f"panoptic_{split}.json"),
+            _extra_path(data, f"{role}_images", root / split), panoptic_root=panoptic_root, transforms=transforms)
+    elif data.dataset == "ade20k":
+        from .data import ADE20KDataset
+
+        dataset = ADE20KDataset(root, split=split, transforms=transforms)
+    elif data.dataset == "cityscapes":
+        from .data import CityscapesDataset
+
+        target = "semantic" if config.test.task == "semantic" else "panoptic"
+        dataset = CityscapesDataset(root, split=split, target=target, transforms=transforms)
+    else:
+        from .data import FolderDataset
+
+        dataset = FolderDataset(root, split=split or None, label_space=data.extra.get("labels"),
+                                transforms=transforms)
+    return dataset, dataset.label_space
+
+
+def build_datasets(config: Config) -> tuple[Any, Any, Any]:
+    """``(train dataset, val dataset or None, label space)``; the val split is skipped when
+    ``data.num_val_images == 0`` or ``data.val_split`` is empty."""
+    train, label_space = build_dataset(config, config.data.train_split, train=True)
+    val = None
+    if config.data.val_split and not (config.data.dataset == "fashion_scenes" and config.data.num_val_images == 0):
+        val, val_labels = build_dataset(config, config.data.val_split, train=False)
+        if val_labels != label_space:
+            raise ValueError(f"data: the {config.data.val_split} split has other classes than {config.data.train_split}")
+    return train, val, label_space
+
+
+def build_model(config: Config, label_space: Any = None) -> nn.Module:
+    """``Mask2Former(config.model)``; the class count comes from ``label_space`` when given."""
+    from .modeling.model import Mask2Former
+
+    model_config = config.model
+    labels = None
+    if label_space is not None:
+        labels = label_space.to_dict()
+        if model_config.num_classes != label_space.num_classes:
+            model_config = dataclasses.replace(model_config, num_classes=label_space.num_classes)
+    return Mask2Former(model_config, labels=labels)
+
+
+def build_criterion(config: Config, num_classes: int) -> nn.Module:
+    """``SetCriterion`` with the matcher the reference pairs with it (cost weights = loss weights)."""
+    from .training.criterion import SetCriterion
+    from .training.matcher import HungarianMatcher
+
+    loss = config.loss
+    matcher = HungarianMatcher(class_weight=loss.class_weight, mask_weight=loss.mask_weight,
+                               dice_weight=loss.dice_weight, num_points=loss.num_points, mask_cost=loss.mask_loss)
+    return SetCriterion(
+        num_classes, matcher, class_weight=loss.class_weight, mask_weight=loss.mask_weight,
+        dice_weight=loss.dice_weight, no_object_weight=loss.no_object_weight, num_points=loss.num_points,
+        oversample_ratio=loss.oversample_ratio, importance_sample_ratio=loss.importance_sample_ratio,
+        deep_supervision=loss.deep_supervision, mask_loss=loss.mask_loss,
+    )
+
+
+def build_evaluate_fn(config: Config, label_space: Any) -> Callable[[nn.Module, Any], dict] | None:
+    """PQ/AP/mIoU for a panoptic ``test.task`` (as the reference reports on COCO), else that task's metric."""
+    try:
+        from .evaluation.evaluator import TASKS, evaluate_model
+    except ImportError:  # evaluation not available: train without it
+        return None
+    tasks = TASKS if config.test.task == "panoptic" else (config.test.task,)
+
+    def evaluate(model: nn.Module, dataset: Any) -> dict:
+        device = next(model.parameters()).device
+        return evaluate_model(
+            model, dataset, label_space, tasks, device=str(device), min_size=config.test.min_size or None,
+            max_size=config.test.max_size or None, precision=config.solver.precision,
+            object_mask_threshold=config.test.object_mask_threshold, overlap_threshold=config.test.overlap_threshold,
+            top_k=config.test.top_k,
+        )
+
+    return evaluate
+
+
+def run_train(config: Config, resume: bool = False) -> dict[str, Any]:
+    """Build everything from ``config`` and train (or continue, ``resume=True``). Returns ``Trainer.fit``'s dict."""
+    from .training import distributed as dist_utils
+    from .training.trainer import Trainer, seed_everything
+
+    train_dataset, val_dataset, label_space = build_datasets(config)
+    if config.model.num_classes != label_space.num_classes:
+        logger.info("model.num_classes %d -> %d (the classes of %s)", config.model.num_classes,
+                    label_space.num_classes, config.data.dataset)
+    config = dataclasses.replace(
+        config, model=dataclasses.replace(config.model, num_classes=label_space.num_classes),
+        labels=label_space.to_dict())
+    seed_everything(config.train.seed)
+    model = build_model(config, label_space)
+    criterion = build_criterion(config, label_space.num_classes)
+    evaluate_fn = build_evaluate_fn(config, label_space) if val_dataset is not None else None
+    trainer = Trainer(config, model, train_dataset, val_dataset, label_space, criterion=criterion,
+                      evaluate_fn=evaluate_fn)
+    try:
+        return trainer.fit(resume=resume)
+    finally:
+        dist_utils.cleanup(trainer.context)
