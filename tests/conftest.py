@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -7,6 +9,24 @@ from mask2former.config import BackboneConfig, ModelConfig
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    """Where device-aware tests run: ``MASK2FORMER_TEST_DEVICE`` (default ``cpu``; e.g. ``cuda``, ``cuda:1``).
+
+    On CUDA, TF32 is switched off so that the CPU tolerances (and peer-library comparisons) still hold."""
+    name = os.environ.get("MASK2FORMER_TEST_DEVICE", "cpu")
+    try:
+        selected = torch.device(name)
+    except RuntimeError:
+        pytest.fail(f"MASK2FORMER_TEST_DEVICE={name!r} is not a torch device", pytrace=False)
+    if selected.type == "cuda":
+        if not torch.cuda.is_available():
+            pytest.fail(f"MASK2FORMER_TEST_DEVICE={name!r} but CUDA is not available", pytrace=False)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    return selected
 
 
 def tiny_swin_config(**overrides) -> ModelConfig:

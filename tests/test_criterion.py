@@ -13,7 +13,7 @@ from mask2former.training.matcher import HungarianMatcher
 NUM_CLASSES = 6
 
 
-def random_targets(num_per_image, size=64, seed=0):
+def random_targets(num_per_image, size=64, seed=0, device="cpu"):
     generator = torch.Generator().manual_seed(seed)
     targets = []
     for count in num_per_image:
@@ -23,19 +23,19 @@ def random_targets(num_per_image, size=64, seed=0):
             height, width = torch.randint(size // 8, size // 2, (2,), generator=generator).tolist()
             masks[i, top : top + height, left : left + width] = True
         labels = torch.randint(0, NUM_CLASSES, (count,), generator=generator)
-        targets.append({"labels": labels, "masks": masks})
+        targets.append({"labels": labels.to(device), "masks": masks.to(device)})
     return targets
 
 
-def random_outputs(batch_size, num_queries=10, size=16, num_aux=3, seed=0, requires_grad=False):
+def random_outputs(batch_size, num_queries=10, size=16, num_aux=3, seed=0, requires_grad=False, device="cpu"):
     generator = torch.Generator().manual_seed(seed)
 
     def prediction():
         logits = torch.randn(batch_size, num_queries, NUM_CLASSES + 1, generator=generator)
         masks = 3 * torch.randn(batch_size, num_queries, size, size, generator=generator)
         return {
-            "pred_logits": logits.requires_grad_(requires_grad),
-            "pred_masks": masks.requires_grad_(requires_grad),
+            "pred_logits": logits.to(device).requires_grad_(requires_grad),
+            "pred_masks": masks.to(device).requires_grad_(requires_grad),
         }
 
     aux = [prediction() for _ in range(num_aux)]
@@ -50,13 +50,13 @@ def to_hf_names(key):
     return key.replace("loss_cross_entropy", "loss_ce")
 
 
-def test_equals_transformers_mask2former_loss_with_the_same_points():
+def test_equals_transformers_mask2former_loss_with_the_same_points(device):
     hf = pytest.importorskip("transformers.models.mask2former.modeling_mask2former")
     from transformers import Mask2FormerConfig
 
     num_points = 64
-    targets = random_targets([3, 0, 4])  # an image without targets keeps the random streams aligned
-    outputs = random_outputs(3)
+    targets = random_targets([3, 0, 4], device=device)  # an image without targets keeps the random streams aligned
+    outputs = random_outputs(3, device=device)
     config = Mask2FormerConfig(
         num_labels=NUM_CLASSES,
         class_weight=2.0,
@@ -103,10 +103,10 @@ def test_equals_transformers_mask2former_loss_with_the_same_points():
     assert abs(other["loss_mask"] - ours["loss_mask"]) > 1e-3 * ours["loss_mask"]
 
 
-def test_full_resolution_variant_equals_transformers_maskformer_loss():
+def test_full_resolution_variant_equals_transformers_maskformer_loss(device):
     hf = pytest.importorskip("transformers.models.maskformer.modeling_maskformer")
-    targets = random_targets([2, 3])
-    outputs = random_outputs(2, num_aux=2)
+    targets = random_targets([2, 3], device=device)
+    outputs = random_outputs(2, num_aux=2, device=device)
     reference = hf.MaskFormerLoss(
         num_labels=NUM_CLASSES,
         matcher=hf.MaskFormerHungarianMatcher(cost_class=1.0, cost_mask=20.0, cost_dice=1.0),
@@ -141,11 +141,11 @@ def test_full_resolution_variant_equals_transformers_maskformer_loss():
         torch.testing.assert_close(ours[key], expected[key], rtol=1e-5, atol=1e-7, msg=key)
 
 
-def test_class_loss_is_weighted_mean_over_all_queries():
-    targets = random_targets([2, 1])
-    outputs = random_outputs(2, num_queries=5, num_aux=0)
+def test_class_loss_is_weighted_mean_over_all_queries(device):
+    targets = random_targets([2, 1], device=device)
+    outputs = random_outputs(2, num_queries=5, num_aux=0, device=device)
     losses, indices = criterion()(outputs, targets, return_indices=True)
-    target_classes = torch.full((2, 5), NUM_CLASSES)
+    target_classes = torch.full((2, 5), NUM_CLASSES, device=device)
     for b, (q, g) in enumerate(indices[-1]):
         target_classes[b, q] = targets[b]["labels"][g]
     nll = -outputs["pred_logits"].log_softmax(-1).gather(-1, target_classes[..., None])[..., 0]
@@ -153,9 +153,9 @@ def test_class_loss_is_weighted_mean_over_all_queries():
     torch.testing.assert_close(losses["loss_ce"], 2.0 * (weight * nll).sum() / weight.sum())
 
 
-def test_gradients_reach_logits_and_masks_of_every_layer():
-    targets = random_targets([3, 1])
-    outputs = random_outputs(2, num_aux=2, requires_grad=True)
+def test_gradients_reach_logits_and_masks_of_every_layer(device):
+    targets = random_targets([3, 1], device=device)
+    outputs = random_outputs(2, num_aux=2, requires_grad=True, device=device)
     losses = criterion()(outputs, targets)
     total = SetCriterion.total_loss(losses)
     assert torch.isfinite(total)
@@ -167,16 +167,17 @@ def test_gradients_reach_logits_and_masks_of_every_layer():
             assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0
 
 
-def test_zero_target_images():
-    outputs = random_outputs(2, num_aux=1, requires_grad=True)
-    empty = {"labels": torch.zeros(0, dtype=torch.int64), "masks": torch.zeros(0, 64, 64, dtype=torch.bool)}
+def test_zero_target_images(device):
+    outputs = random_outputs(2, num_aux=1, requires_grad=True, device=device)
+    empty = {"labels": torch.zeros(0, dtype=torch.int64, device=device),
+             "masks": torch.zeros(0, 64, 64, dtype=torch.bool, device=device)}
     # One empty image among non-empty ones.
-    losses = criterion()(outputs, [random_targets([2])[0], empty])
+    losses = criterion()(outputs, [random_targets([2], device=device)[0], empty])
     assert all(torch.isfinite(v) for v in losses.values())
     # A batch without any target: masks contribute exactly 0, CE pushes every query to no-object.
     losses = criterion()(outputs, [empty, empty])
     assert losses["loss_mask"].item() == 0 and losses["loss_dice_0"].item() == 0
-    no_object = torch.full((2, 10), NUM_CLASSES)
+    no_object = torch.full((2, 10), NUM_CLASSES, device=device)
     expected_ce = 2.0 * F.cross_entropy(outputs["pred_logits"].detach().transpose(1, 2), no_object)
     torch.testing.assert_close(losses["loss_ce"].detach(), expected_ce)
     SetCriterion.total_loss(losses).backward()
@@ -184,13 +185,13 @@ def test_zero_target_images():
     assert outputs["pred_masks"].grad.abs().sum() == 0
 
 
-def test_same_seed_is_bit_identical_and_other_seed_differs():
-    targets = random_targets([3, 2])
-    outputs = random_outputs(2)
+def test_same_seed_is_bit_identical_and_other_seed_differs(device):
+    targets = random_targets([3, 2], device=device)
+    outputs = random_outputs(2, device=device)
 
     def run(seed, use_generator):
         if use_generator:
-            return criterion()(outputs, targets, generator=torch.Generator().manual_seed(seed))
+            return criterion()(outputs, targets, generator=torch.Generator(device).manual_seed(seed))
         torch.manual_seed(seed)
         return criterion()(outputs, targets)
 
@@ -247,14 +248,14 @@ def test_padding_counts_as_background():
     assert all(torch.equal(from_cropped[k], from_padded[k]) for k in from_cropped)
 
 
-def test_point_losses_are_fp32_under_autocast():
-    targets = random_targets([2, 2])
-    outputs = random_outputs(2, num_aux=0)
+def test_point_losses_are_fp32_under_autocast(device):
+    targets = random_targets([2, 2], device=device)
+    outputs = random_outputs(2, num_aux=0, device=device)
     half = {k: v.bfloat16() for k, v in outputs.items() if k != "aux_outputs"}
     torch.manual_seed(0)
     expected = criterion()({k: v.float() for k, v in half.items()}, targets)
     torch.manual_seed(0)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(device.type, dtype=torch.bfloat16):
         losses = criterion()(half, targets)
     for key in losses:
         assert losses[key].dtype == torch.float32

@@ -188,7 +188,7 @@ def test_r50_round_trip_through_the_official_layout(r50, tmp_path):
     assert_same_outputs(r50, loaded, images)
     # Without a config every field that shapes the model is read from the tensors.
     inferred, _, labels = convert_detectron2_checkpoint(path)
-    assert dataclasses.replace(inferred, dropout=r50.config.dropout) == r50.config
+    assert inferred == r50.config
     assert labels is None
 
 
@@ -220,6 +220,24 @@ def test_maskformer_v1_round_trip(tmp_path):
     path = write_pkl(tmp_path / "model_final_maskformer.pkl", state)
     loaded = Mask2Former.from_pretrained(path, config=write_preset(tmp_path / "v1.yaml", model.config))
     assert_same_outputs(model, loaded, torch.randn(1, 3, 64, 64))
+
+
+def test_mp_former_layout(tmp_path):
+    """MP-Former's released decoder: no query positional embedding, a label embedding (label_enc) for the piloting
+    queries; here also with the decoder's optional input projections (ENFORCE_INPUT_PROJ)."""
+    config = tiny_swin_config(num_heads=8, query_pos=False, mask_piloting=True, enforce_input_proj=True)
+    model = Mask2Former(config).eval()
+    state = to_detectron2_state_dict(model)
+    expected = official_swin_keys((2, 2, 2, 2)) | official_msdeformattn_keys(2) | official_masked_decoder_keys(3)
+    expected = (expected - {D + "query_embed.weight"}) | {D + "label_enc.weight"}
+    expected |= {f"{D}input_proj.{i}.{p}" for i in range(3) for p in WB}
+    assert set(state) == expected and state[D + "label_enc.weight"].shape == (5, 64)
+    path = write_pkl(tmp_path / "model_final_mp_former.pkl", state)
+    inferred, _, _ = convert_detectron2_checkpoint(path)
+    assert (inferred.query_pos, inferred.mask_piloting, inferred.enforce_input_proj) == (False, True, True)
+    assert_same_outputs(model, Mask2Former.from_pretrained(path), torch.randn(1, 3, 64, 64))
+    with pytest.raises(CheckpointError, match=rf"mask_piloting is True in the file \({D}label_enc\.weight\) but False"):
+        convert_detectron2_checkpoint(path, dataclasses.replace(config, mask_piloting=False))
 
 
 def test_pth_and_legacy_key_spellings(swin, tmp_path):
@@ -341,7 +359,8 @@ HF_TO_OFFICIAL = [
     (BLOCK + r"layernorm_before\.(\w+)", r"backbone.layers.\1.blocks.\2.norm1.\3"),
     (BLOCK + r"layernorm_after\.(\w+)", r"backbone.layers.\1.blocks.\2.norm2.\3"),
     (BLOCK + r"attention\.o_proj\.(\w+)", r"backbone.layers.\1.blocks.\2.attn.proj.\3"),
-    (BLOCK + r"attention\.relative_position_bias\.(relative_position_bias_table)", r"backbone.layers.\1.blocks.\2.attn.\3"),
+    (BLOCK + r"attention\.relative_position_bias\.(relative_position_bias_table)",
+     r"backbone.layers.\1.blocks.\2.attn.\3"),
     (BLOCK + r"mlp\.(fc\d)\.(\w+)", r"backbone.layers.\1.blocks.\2.mlp.\3.\4"),
     (SWIN + r"encoder\.layers\.(\d+)\.downsample\.(\w+)\.(\w+)", r"backbone.layers.\1.downsample.\2.\3"),
     (r"model\.pixel_level_module\.encoder\.hidden_states_norms\.stage(\d)\.(\w+)",
@@ -366,7 +385,8 @@ HF_TO_OFFICIAL = [
     (LAYER_HF + r"fc(\d)\.(\w+)", D + r"transformer_ffn_layers.\1.linear\2.\3"),
     (LAYER_HF + r"final_layer_norm\.(\w+)", D + r"transformer_ffn_layers.\1.norm.\2"),
     (r"model\.transformer_module\.decoder\.layernorm\.(\w+)", D + r"decoder_norm.\1"),
-    (r"model\.transformer_module\.decoder\.mask_predictor\.mask_embedder\.(\d)\.0\.(\w+)", D + r"mask_embed.layers.\1.\2"),
+    (r"model\.transformer_module\.decoder\.mask_predictor\.mask_embedder\.(\d)\.0\.(\w+)",
+     D + r"mask_embed.layers.\1.\2"),
     (r"class_predictor\.(\w+)", D + r"class_embed.\1"),
     (r"criterion\.empty_weight", "criterion.empty_weight"),
 ]
@@ -446,7 +466,8 @@ def test_mask2former_names_mean_what_the_transformers_conversion_says(tmp_path):
     with torch.no_grad():
         theirs = hf_model(pixel_values=images, output_auxiliary_logits=True)
     their_outputs = [theirs.class_queries_logits, theirs.masks_queries_logits]
-    their_outputs += [t for aux in theirs.auxiliary_logits for t in (aux["class_queries_logits"], aux["masks_queries_logits"])]
+    for aux in theirs.auxiliary_logits:
+        their_outputs += [aux["class_queries_logits"], aux["masks_queries_logits"]]
     assert their_outputs[1].std() > 0.5 and their_outputs[0].std() > 0.3  # informative outputs
     for mine, reference in zip(outputs(ours, images), their_outputs, strict=True):
         torch.testing.assert_close(mine, reference, atol=1e-4, rtol=0)
@@ -463,7 +484,8 @@ MASKFORMER_HF_TO_OFFICIAL = [
     (RESNET_HF + r"embedder\.embedder\.convolution\.weight", "backbone.stem.conv1.weight"),
     (RESNET_HF + r"embedder\.embedder\.normalization\.(\w+)", r"backbone.stem.conv1.norm.\1"),
     (STAGE_HF + r"shortcut\.convolution\.weight", lambda m: f"backbone.res{int(m[1]) + 2}.{m[2]}.shortcut.weight"),
-    (STAGE_HF + r"shortcut\.normalization\.(\w+)", lambda m: f"backbone.res{int(m[1]) + 2}.{m[2]}.shortcut.norm.{m[3]}"),
+    (STAGE_HF + r"shortcut\.normalization\.(\w+)",
+     lambda m: f"backbone.res{int(m[1]) + 2}.{m[2]}.shortcut.norm.{m[3]}"),
     (STAGE_HF + r"layer\.(\d)\.convolution\.weight",
      lambda m: f"backbone.res{int(m[1]) + 2}.{m[2]}.conv{int(m[3]) + 1}.weight"),
     (STAGE_HF + r"layer\.(\d)\.normalization\.(\w+)",
@@ -511,7 +533,8 @@ def test_maskformer_resnet50_names_mean_what_the_transformers_conversion_says(tm
     assert modern == official_resnet_keys() | official_fpn_keys() | official_standard_decoder_keys(2)
     ours = Mask2Former.from_pretrained(write_pkl(tmp_path / "model_final_maskformer_r50.pkl", official))
     assert (ours.config.backbone.name, ours.config.backbone.freeze_bn) == ("resnet50", True)
-    assert (ours.config.pixel_decoder, ours.config.transformer_decoder, ours.config.dec_layers) == ("fpn", "standard", 2)
+    layout = (ours.config.pixel_decoder, ours.config.transformer_decoder, ours.config.dec_layers)
+    assert layout == ("fpn", "standard", 2)
     images = torch.randn(1, 3, 96, 64, generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         theirs = hf_model(pixel_values=images)

@@ -9,9 +9,9 @@ from conftest import tiny_swin_config
 
 
 @pytest.mark.parametrize("size", [(64, 64), (96, 128)])
-def test_mask2former_shapes(size):
-    model = Mask2Former(tiny_swin_config()).eval()
-    out = model(torch.randn(2, 3, *size))
+def test_mask2former_shapes(size, device):
+    model = Mask2Former(tiny_swin_config()).eval().to(device)
+    out = model(torch.randn(2, 3, *size, device=device))
     assert out.pred_logits.shape == (2, 10, 6)
     assert out.pred_masks.shape == (2, 10, size[0] // 4, size[1] // 4)
     # 3 layers + the prediction from the initial queries; the last one is the output.
@@ -21,10 +21,10 @@ def test_mask2former_shapes(size):
         assert aux["pred_masks"].shape == out.pred_masks.shape
 
 
-def test_maskformer_variant_shapes():
+def test_maskformer_variant_shapes(device):
     config = tiny_swin_config(pixel_decoder="fpn", transformer_decoder="standard", dec_layers=6)
-    model = Mask2Former(config).eval()
-    out = model(torch.randn(1, 3, 64, 96))
+    model = Mask2Former(config).eval().to(device)
+    out = model(torch.randn(1, 3, 64, 96, device=device))
     assert out.pred_logits.shape == (1, 10, 6)
     assert out.pred_masks.shape == (1, 10, 16, 24)
     assert len(out.aux_outputs) == 5  # six layers, no prediction from the (zero) initial queries
@@ -35,14 +35,14 @@ def test_masked_decoder_refuses_fpn():
         Mask2Former(tiny_swin_config(pixel_decoder="fpn"))
 
 
-def test_every_parameter_gets_a_gradient():
-    model = Mask2Former(tiny_swin_config()).train()
+def test_every_parameter_gets_a_gradient(device):
+    model = Mask2Former(tiny_swin_config()).train().to(device)
     # The deformable offset/attention projections start at zero, which blocks gradients to the query path
     # (and so to the level embedding) until the first update; perturb them as one step of training would.
     for layer in model.pixel_decoder.encoder:
         torch.nn.init.normal_(layer.self_attn.sampling_offsets.weight, std=0.01)
         torch.nn.init.normal_(layer.self_attn.attention_weights.weight, std=0.01)
-    out = model(torch.randn(2, 3, 64, 64))
+    out = model(torch.randn(2, 3, 64, 64, device=device))
     loss = out.pred_logits.square().mean() + out.pred_masks.square().mean()
     loss = loss + sum(a["pred_logits"].mean() + a["pred_masks"].mean() for a in out.aux_outputs)
     loss.backward()
@@ -50,9 +50,9 @@ def test_every_parameter_gets_a_gradient():
     assert missing == []
 
 
-def test_deterministic_and_batch_independent():
-    model = Mask2Former(tiny_swin_config()).eval()
-    images = torch.randn(2, 3, 64, 96)
+def test_deterministic_and_batch_independent(device):
+    model = Mask2Former(tiny_swin_config()).eval().to(device)
+    images = torch.randn(2, 3, 64, 96, device=device)
     with torch.no_grad():
         a = model(images)
         b = model(images)
@@ -62,12 +62,12 @@ def test_deterministic_and_batch_independent():
     torch.testing.assert_close(a.pred_logits[1:], single.pred_logits, atol=1e-4, rtol=1e-4)
 
 
-def test_timm_backbones_build_and_run():
+def test_timm_backbones_build_and_run(device):
     for name in ("resnet50", "tf_efficientnet_lite0"):
         config = tiny_swin_config(backbone=BackboneConfig(name=name))
-        model = Mask2Former(config).eval()
+        model = Mask2Former(config).eval().to(device)
         with torch.no_grad():
-            out = model(torch.randn(1, 3, 64, 64))
+            out = model(torch.randn(1, 3, 64, 64, device=device))
         assert out.pred_masks.shape == (1, 10, 16, 16)
         assert torch.isfinite(out.pred_masks).all()
 

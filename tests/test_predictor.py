@@ -13,20 +13,20 @@ LABELS = LabelSpace(["a", "b", "c", "sky", "road"], [True, True, True, False, Fa
 
 
 @pytest.fixture(scope="module")
-def model():
+def model(device):
     torch.manual_seed(0)
-    return Mask2Former(tiny_swin_config(), labels=LABELS.to_dict()).eval()
+    return Mask2Former(tiny_swin_config(), labels=LABELS.to_dict()).eval().to(device)
 
 
 def random_image(height, width, seed):
     return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
 
 
-def test_input_types_give_the_same_result(model, tmp_path):
+def test_input_types_give_the_same_result(model, device, tmp_path):
     array = random_image(50, 70, 0)
     path = tmp_path / "x.png"
     Image.fromarray(array).save(path)
-    predictor = Predictor(model, task="semantic")
+    predictor = Predictor(model, task="semantic", device=device)
     results = [
         predictor(array), predictor(Image.fromarray(array)), predictor(str(path)),
         predictor(torch.from_numpy(array).permute(2, 0, 1)),
@@ -38,9 +38,9 @@ def test_input_types_give_the_same_result(model, tmp_path):
 
 
 @pytest.mark.parametrize("task", ["semantic", "instance", "panoptic"])
-def test_batched_equals_single(model, task):
+def test_batched_equals_single(model, device, task):
     images = [random_image(64, 64, 1), random_image(40, 90, 2), random_image(60, 50, 3), random_image(33, 70, 4)]
-    predictor = Predictor(model, task=task, batch_size=3)
+    predictor = Predictor(model, task=task, batch_size=3, device=device)
     batched = predictor(images)
     for image, result in zip(images, batched):
         single = predictor(image)
@@ -56,8 +56,8 @@ def test_batched_equals_single(model, task):
             assert result[0].shape == image.shape[:2] and result[0].dtype == torch.int32
 
 
-def test_instance_result_fields(model):
-    result = Predictor(model, task="instance", top_k=7)(random_image(64, 48, 5))
+def test_instance_result_fields(model, device):
+    result = Predictor(model, task="instance", top_k=7, device=device)(random_image(64, 48, 5))
     assert set(result) >= {"masks", "labels", "scores", "boxes"}
     # The reference takes the top-k over queries x classes first, then keeps the thing classes.
     count = result["masks"].shape[0]
@@ -79,8 +79,8 @@ def test_pad_batch():
     assert batch[0][:, 10:].sum() == 0
 
 
-def test_bad_inputs_are_clear_errors(model, tmp_path):
-    predictor = Predictor(model, task="semantic")
+def test_bad_inputs_are_clear_errors(model, device, tmp_path):
+    predictor = Predictor(model, task="semantic", device=device)
     with pytest.raises(ValueError, match="image 0: expected an HxWx3 array"):
         predictor(np.zeros((4, 4, 5), dtype=np.uint8))
     with pytest.raises(ValueError, match="NaN"):
@@ -91,6 +91,6 @@ def test_bad_inputs_are_clear_errors(model, tmp_path):
         Predictor(model, task="depth")
 
 
-def test_bf16_path_runs(model):
-    result = Predictor(model, task="semantic", precision="bf16")(random_image(64, 64, 6))
+def test_bf16_path_runs(model, device):
+    result = Predictor(model, task="semantic", precision="bf16", device=device)(random_image(64, 64, 6))
     assert result.shape == (64, 64)

@@ -1,4 +1,5 @@
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -68,9 +69,10 @@ class BoxScenes(torch.utils.data.Dataset):
                 "image_id": index, "file_name": "", "orig_size": (height, width)}
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def one_thread():
-    """Identical float reductions in this process and in the subprocesses (1 thread there too)."""
+    """One intra-op thread: identical float reductions here and in the subprocesses (1 thread there too), and
+    no OpenMP spin-waiting when the 2 cores are shared (2 threads under load made these tests ~30x slower)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -91,7 +93,7 @@ def assert_same_state(a: nn.Module, b: nn.Module) -> None:
 # ----------------------------------------------------------------------------------------------- overfit
 
 
-def test_overfits_two_images(tmp_path, one_thread):
+def test_overfits_two_images(tmp_path):
     """Two fixed images, constant lr 1e-3 (backbone too), full-model clip 0.01 as in the recipe: the summed loss
     (3 prediction sets x (CE + BCE + dice)) must fall below 20% of its first value within 60 iterations. A broken
     update (wrong sign, no step, lost gradients, lr 0) leaves it near the start (~37); a working one reaches ~12%
@@ -99,7 +101,7 @@ def test_overfits_two_images(tmp_path, one_thread):
     config = tiny_config(tmp_path, max_iter=60, scheduler="step", steps=(1.0,), warmup_iters=0,
                          backbone_multiplier=1.0, loss={"num_points": 256}, train={"log_period": 5,
                                                                                     "checkpoint_period": 0})
-    trainer = Trainer(config, train_dataset=fashion(num_images=2), progress_bar=False, tensorboard=False)
+    trainer = Trainer(config, train_dataset=fashion(num_images=2), device="cpu", progress_bar=False, tensorboard=False)
     trainer.fit()
     rows = [row for row in read_rows(tmp_path) if "loss" in row]
     first, last = rows[0], rows[-1]
@@ -119,7 +121,7 @@ test_trainer.child_train({output!r}, {workers}, {pause_after}, {marker!r})
 
 def run_resumable(output_dir, workers, callbacks=(), resume=False):
     config = tiny_config(output_dir, max_iter=5, num_workers=workers)
-    trainer = Trainer(config, train_dataset=fashion(augment=True), progress_bar=False, tensorboard=False,
+    trainer = Trainer(config, train_dataset=fashion(augment=True), device="cpu", progress_bar=False, tensorboard=False,
                       callbacks=callbacks)
     return trainer, trainer.fit(resume=resume)
 
@@ -139,7 +141,7 @@ def child_train(output_dir, workers, pause_after, marker):
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_sigkill_and_resume_is_bit_exact(tmp_path, one_thread, workers):
+def test_sigkill_and_resume_is_bit_exact(tmp_path, workers):
     """Random LSJ augmentation, point sampling and an epoch boundary (6 images, batch 2, 5 iterations): killed
     after iteration 3, resumed from the iteration-2 checkpoint, the final state equals an uninterrupted run."""
     reference, _ = run_resumable(tmp_path / "reference", workers)
@@ -149,7 +151,7 @@ def test_sigkill_and_resume_is_bit_exact(tmp_path, one_thread, workers):
     child = subprocess.Popen(
         [sys.executable, "-c", CHILD.format(tests=str(TESTS_DIR), output=str(killed_dir), workers=workers,
                                             pause_after=3, marker=str(marker))],
-        stdout=log, stderr=subprocess.STDOUT)
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 240
         while not marker.exists():
@@ -157,7 +159,7 @@ def test_sigkill_and_resume_is_bit_exact(tmp_path, one_thread, workers):
             assert time.monotonic() < deadline, "child did not reach iteration 3 in time"
             time.sleep(0.1)
     finally:
-        child.send_signal(signal.SIGKILL)
+        os.killpg(child.pid, signal.SIGKILL)  # the child's own session: it and its DataLoader workers
         child.wait()
         log.close()
     assert child.returncode == -signal.SIGKILL
@@ -211,7 +213,7 @@ class Snapshots(Callback):
 def test_nonfinite_step_is_skipped_and_logged(tmp_path):
     snapshots = Snapshots()
     config = tiny_config(tmp_path, max_iter=3, train={"max_nonfinite_steps": 3})
-    trainer = Trainer(config, train_dataset=BoxScenes(), progress_bar=False, tensorboard=False, callbacks=[snapshots])
+    trainer = Trainer(config, train_dataset=BoxScenes(), device="cpu", progress_bar=False, tensorboard=False, callbacks=[snapshots])
     trainer.model.register_forward_hook(NaNLogits(calls={2}))
     result = trainer.fit()
     assert torch.equal(snapshots.weights[2], snapshots.weights[1])  # no update at iteration 2
@@ -228,7 +230,7 @@ def test_nonfinite_step_is_skipped_and_logged(tmp_path):
 def test_nonfinite_losses_in_a_row_abort(tmp_path):
     snapshots = Snapshots()
     config = tiny_config(tmp_path, max_iter=10, train={"max_nonfinite_steps": 2})
-    trainer = Trainer(config, train_dataset=BoxScenes(), progress_bar=False, tensorboard=False, callbacks=[snapshots])
+    trainer = Trainer(config, train_dataset=BoxScenes(), device="cpu", progress_bar=False, tensorboard=False, callbacks=[snapshots])
     trainer.model.register_forward_hook(NaNLogits())
     with pytest.raises(NonFiniteLossError, match="non-finite for 2 iterations in a row"):
         trainer.fit()
@@ -255,7 +257,7 @@ def test_padding_is_zero_after_normalisation_and_crowd_is_dropped(tmp_path):
     config = tiny_config(tmp_path, max_iter=1)
     criterion = RecordingCriterion(build_criterion(config, NUM_CLASSES))
     dataset = BoxScenes(num_images=2, sizes=((64, 64), (40, 50)), crowd=(1,))
-    trainer = Trainer(config, train_dataset=dataset, criterion=criterion, progress_bar=False, tensorboard=False)
+    trainer = Trainer(config, train_dataset=dataset, criterion=criterion, device="cpu", progress_bar=False, tensorboard=False)
     inputs = []
     trainer.model.register_forward_pre_hook(lambda module, args: inputs.append(args[0].clone()))
     trainer.fit()
@@ -281,7 +283,7 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path):
     for name, accumulation in (("full", 1), ("accumulated", 2)):
         config = tiny_config(tmp_path / name, max_iter=2, batch_size=4, accumulation_steps=accumulation,
                              loss={"mask_loss": "full"}, train={"checkpoint_period": 0})
-        trainer = Trainer(config, train_dataset=BoxScenes(), progress_bar=False, tensorboard=False)
+        trainer = Trainer(config, train_dataset=BoxScenes(), device="cpu", progress_bar=False, tensorboard=False)
         trainer.fit()
         results.append(trainer.model.state_dict())
     for key in results[0]:
@@ -291,7 +293,7 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path):
 def test_batch_size_must_divide(tmp_path):
     with pytest.raises(ValueError, match="divisible by world size"):
         Trainer(tiny_config(tmp_path, batch_size=3, accumulation_steps=2), train_dataset=BoxScenes(),
-                progress_bar=False, tensorboard=False)
+                device="cpu", progress_bar=False, tensorboard=False)
 
 
 # ----------------------------------------------------------------------------------------------- outputs
@@ -308,7 +310,7 @@ def test_logs_checkpoints_evaluation_and_best_model(tmp_path):
 
     config = tiny_config(tmp_path, max_iter=4, train={"eval_period": 2, "log_period": 2})
     trainer = Trainer(config, train_dataset=BoxScenes(), val_dataset=BoxScenes(num_images=3), evaluate_fn=evaluate,
-                      progress_bar=False, image_log_period=2)
+                      device="cpu", progress_bar=False, image_log_period=2)
     result = trainer.fit()
     assert calls == [3, 3]
     assert result["best"] == {"metric": "PQ", "value": 5.0, "step": 2, "mode": "max"}
@@ -336,3 +338,30 @@ def test_logs_checkpoints_evaluation_and_best_model(tmp_path):
     events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"images": 0}).Reload()
     assert "train/sample_prediction" in events.Tags()["images"]
     assert {"train/loss", "train/lr", "eval/PQ"} <= set(events.Tags()["scalars"])
+
+
+def test_bf16_autocast_trains_and_fp16_needs_cuda(tmp_path):
+    config = tiny_config(tmp_path / "bf16", max_iter=2, precision="bf16", train={"checkpoint_period": 0})
+    trainer = Trainer(config, train_dataset=BoxScenes(), device="cpu", progress_bar=False, tensorboard=False)
+    before = trainer.model.transformer_decoder.heads.class_embed.weight.detach().clone()
+    result = trainer.fit()
+    assert result["nonfinite_steps"] == 0 and torch.isfinite(torch.tensor(result["losses"]["loss"]))
+    after = trainer.model.transformer_decoder.heads.class_embed.weight
+    assert after.dtype == torch.float32 and not torch.equal(before, after)  # fp32 master weights, updated
+    with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
+        Trainer(tiny_config(tmp_path / "fp16", precision="fp16"), train_dataset=BoxScenes(), device="cpu",
+                progress_bar=False)
+
+
+def test_mask_piloting_adds_its_losses(tmp_path):
+    """MP-Former: the trainer builds the piloting queries from the (crowd-free) targets and the MP losses appear."""
+    from mask2former.config import MaskPilotingConfig
+
+    config = tiny_config(tmp_path, max_iter=2, train={"checkpoint_period": 0})
+    config.mask_piloting = MaskPilotingConfig(enabled=True)
+    trainer = Trainer(config, train_dataset=BoxScenes(crowd=(0,)), device="cpu", progress_bar=False, tensorboard=False)
+    assert hasattr(trainer.model.transformer_decoder, "label_embed")
+    result = trainer.fit()
+    losses = result["losses"]
+    assert {"loss_ce_mp", "loss_mask_mp", "loss_dice_mp", "loss_ce_mp_0"} <= set(losses)
+    assert all(torch.isfinite(torch.tensor(value)) for key, value in losses.items() if key.startswith("loss"))

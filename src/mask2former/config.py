@@ -51,6 +51,9 @@ class ModelConfig:
     dropout: float = 0.1  # only the standard (MaskFormer) decoder uses dropout
     enforce_input_proj: bool = False
     query_pos: bool = True  # MP-Former's released decoder drops the query positional embedding
+    # MP-Former: build the piloting queries' label embedding (a training-only parameter). build_model sets it from
+    # mask_piloting.enabled; it is part of the model config so that checkpoints load back with that parameter.
+    mask_piloting: bool = False
     pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
     pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
     size_divisibility: int = 32

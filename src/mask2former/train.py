@@ -123,23 +123,32 @@ def build_model(config: Config, label_space: Any = None) -> nn.Module:
         labels = label_space.to_dict()
         if model_config.num_classes != label_space.num_classes:
             model_config = dataclasses.replace(model_config, num_classes=label_space.num_classes)
+    if config.mask_piloting.enabled and not model_config.mask_piloting:
+        # MP-Former's piloting queries need their label embedding (a training-only parameter).
+        model_config = dataclasses.replace(model_config, mask_piloting=True)
     return Mask2Former(model_config, labels=labels)
 
 
 def build_criterion(config: Config, num_classes: int) -> nn.Module:
-    """``SetCriterion`` with the matcher the reference pairs with it (cost weights = loss weights)."""
+    """``SetCriterion`` with the matcher the reference pairs with it (cost weights = loss weights); wrapped in
+    MP-Former's ``MaskPilotingCriterion`` when ``mask_piloting.enabled``."""
     from .training.criterion import SetCriterion
     from .training.matcher import HungarianMatcher
 
     loss = config.loss
     matcher = HungarianMatcher(class_weight=loss.class_weight, mask_weight=loss.mask_weight,
                                dice_weight=loss.dice_weight, num_points=loss.num_points, mask_cost=loss.mask_loss)
-    return SetCriterion(
+    criterion = SetCriterion(
         num_classes, matcher, class_weight=loss.class_weight, mask_weight=loss.mask_weight,
         dice_weight=loss.dice_weight, no_object_weight=loss.no_object_weight, num_points=loss.num_points,
         oversample_ratio=loss.oversample_ratio, importance_sample_ratio=loss.importance_sample_ratio,
         deep_supervision=loss.deep_supervision, mask_loss=loss.mask_loss,
     )
+    if config.mask_piloting.enabled:
+        from .training.mask_piloting import MaskPilotingCriterion
+
+        return MaskPilotingCriterion(criterion, class_loss=config.mask_piloting.class_loss)
+    return criterion
 
 
 def build_evaluate_fn(config: Config, label_space: Any) -> Callable[[nn.Module, Any], dict] | None:
@@ -172,7 +181,8 @@ def run_train(config: Config, resume: bool = False) -> dict[str, Any]:
         logger.info("model.num_classes %d -> %d (the classes of %s)", config.model.num_classes,
                     label_space.num_classes, config.data.dataset)
     config = dataclasses.replace(
-        config, model=dataclasses.replace(config.model, num_classes=label_space.num_classes),
+        config, model=dataclasses.replace(config.model, num_classes=label_space.num_classes,
+                                          mask_piloting=config.model.mask_piloting or config.mask_piloting.enabled),
         labels=label_space.to_dict())
     seed_everything(config.train.seed)
     model = build_model(config, label_space)

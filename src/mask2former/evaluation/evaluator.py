@@ -81,11 +81,11 @@ def _update(evaluators: dict[str, Any], sample: dict[str, Any], result: dict[str
 def evaluate_checkpoint(checkpoint: str, config, tasks: Sequence[str] = TASKS, device: str = "cpu",
                         out: str | None = None) -> dict[str, Any]:
     """``mask2former evaluate``: the checkpoint on the validation split that ``config.data`` describes."""
-    from ..data.builders import build_dataset
     from ..modeling.model import Mask2Former
+    from ..train import build_dataset
 
     model = Mask2Former.from_pretrained(checkpoint)
-    dataset, label_space = build_dataset(config.data, split="val")
+    dataset, label_space = build_dataset(config, split="val", train=False)
     if model.labels is not None and LabelSpace.from_dict(model.labels) != label_space:
         raise ValueError(f"checkpoint {checkpoint} was trained on other classes than the data set {config.data.dataset}")
     if model.num_classes != label_space.num_classes:

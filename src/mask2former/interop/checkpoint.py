@@ -14,7 +14,12 @@ from torch import Tensor, nn
 
 from ..config import ModelConfig, from_dict, to_dict
 
-CLASS_HEAD_KEYS = ("transformer_decoder.heads.class_embed.weight", "transformer_decoder.heads.class_embed.bias")
+# Tensors whose size depends on the class count (MP-Former adds a label embedding).
+CLASS_HEAD_KEYS = (
+    "transformer_decoder.heads.class_embed.weight",
+    "transformer_decoder.heads.class_embed.bias",
+    "transformer_decoder.label_embed.weight",
+)
 
 
 class CheckpointError(ValueError):

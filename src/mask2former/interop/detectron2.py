@@ -142,6 +142,8 @@ def _decoder_rules(config: ModelConfig) -> list[_Rule]:
             _Rule(ours + "query_feat.weight", official + "query_feat.weight"),
             _Rule(ours + "query_embed.weight", official + "query_embed.weight"),
             _Rule(ours + "level_embed.weight", official + "level_embed.weight"),
+            # MP-Former's label embedding for the piloting queries (training only).
+            _Rule(ours + "label_embed.weight", official + "label_enc.weight"),
             _Rule(ours + "input_proj.{n}.{rest}", official + "input_proj.{n}.{rest}"),
             _Rule(ours + "heads.decoder_norm.{rest}", official + "decoder_norm.{rest}"),
             _Rule(layer + "cross_attn.{rest}", cross + "multihead_attn.{rest}"),
@@ -420,18 +422,20 @@ def _infer_decoder(state: dict, where: str) -> dict[str, Evidence]:
     }
     masked, standard = PREDICTOR + "transformer_ffn_layers.", PREDICTOR + "transformer.decoder.layers."
     if masked + "0.linear1.weight" in state:
-        layers, queries = masked, PREDICTOR + "query_feat.weight"
+        layers, queries, input_proj = masked, PREDICTOR + "query_feat.weight", PREDICTOR + "input_proj.0.weight"
         found["transformer_decoder"] = Evidence("masked", layers + "0")
+        # MP-Former's released decoder has no query positional embedding, and a label embedding.
         found["query_pos"] = Evidence(PREDICTOR + "query_embed.weight" in state, PREDICTOR + "query_embed.weight")
+        found["mask_piloting"] = Evidence(PREDICTOR + "label_enc.weight" in state, PREDICTOR + "label_enc.weight")
     elif standard + "0.linear1.weight" in state:
         if any(key.startswith(PREDICTOR + "transformer.encoder.layers.") for key in state):
             raise CheckpointError(f"{where}: a MaskFormer predictor with its own transformer encoder "
                                   f"({PREDICTOR}transformer.encoder.layers) is not supported")
-        layers, queries = standard, PREDICTOR + "query_embed.weight"
+        layers, queries, input_proj = standard, PREDICTOR + "query_embed.weight", PREDICTOR + "input_proj.weight"
         found["transformer_decoder"] = Evidence("standard", layers + "0")
-        found["input_proj"] = Evidence(PREDICTOR + "input_proj.weight" in state, PREDICTOR + "input_proj.weight")
     else:
         raise CheckpointError(f"{where}: no Mask2Former or MaskFormer transformer decoder under {PREDICTOR}")
+    found["input_proj"] = Evidence(input_proj in state, input_proj)
     found["dec_layers"] = Evidence(_count(state, layers, where), layers + "N")
     ffn = layers + "0.linear1.weight"
     found["dim_feedforward"] = Evidence(_shape(state, ffn, where)[0], ffn)
@@ -458,7 +462,7 @@ def _swin_spec(backbone: BackboneConfig) -> dict[str, Any]:
 
 
 def _memory_channels(found: dict[str, Evidence], config: ModelConfig) -> int:
-    """Width of the map the standard decoder attends to: the encoder output, or res5 behind the FPN decoder."""
+    """Width of the maps the decoder attends to: the encoder output, or res5 behind the FPN decoder."""
     if config.pixel_decoder == "msdeformattn":
         return config.conv_dim
     if found["backbone"].value == "swin":
@@ -492,7 +496,8 @@ def _check_agreement(found: dict[str, Evidence], config: ModelConfig, path: str,
                 f"the offset count (num_heads {config.num_heads} x 3 levels x enc_points {config.enc_points} x 2)")
     if found["transformer_decoder"].value == "masked":
         compare("query_pos", config.query_pos)
-    elif _memory_channels(found, config) == config.hidden_dim:
+        compare("mask_piloting", config.mask_piloting)
+    if _memory_channels(found, config) == config.hidden_dim:
         # Only then is the decoder's input projection optional.
         compare("input_proj", config.enforce_input_proj, "enforce_input_proj")
     if problems:
@@ -525,7 +530,8 @@ def _config_from_inferred(found: dict[str, Evidence]) -> ModelConfig:
         config = dataclasses.replace(config, enc_layers=found["enc_layers"].value,
                                      enc_ffn_dim=found["enc_ffn_dim"].value, enc_points=offsets.value // per_point)
     if config.transformer_decoder == "masked":
-        config = dataclasses.replace(config, query_pos=found["query_pos"].value)
-    elif _memory_channels(found, config) == config.hidden_dim:
+        config = dataclasses.replace(config, query_pos=found["query_pos"].value,
+                                     mask_piloting=found["mask_piloting"].value)
+    if _memory_channels(found, config) == config.hidden_dim:
         config = dataclasses.replace(config, enforce_input_proj=found["input_proj"].value)
     return config

@@ -40,15 +40,16 @@ def export_onnx(checkpoint: str | Path | Mask2Former, out: str | Path, height: i
     divisor = model.config.size_divisibility
     if height % divisor or width % divisor:
         raise ValueError(f"export size {height}x{width} must be a multiple of {divisor}")
-    example = torch.randn(1, 3, height, width)
+    example = torch.randn(2, 3, height, width)  # batch 2: a size-1 example would be specialised
     batch = torch.export.Dim("batch", min=1, max=64)
     dynamic_h = torch.export.Dim("height_blocks", min=2, max=128)
     dynamic_w = torch.export.Dim("width_blocks", min=2, max=128)
     dynamic_shapes = {"images": {0: batch, 2: divisor * dynamic_h, 3: divisor * dynamic_w}}
     with torch.no_grad():
         program = torch.onnx.export(
-            _InferenceGraph(model), (example,), dynamo=True, dynamic_shapes=dynamic_shapes, opset_version=opset,
+            _InferenceGraph(model).eval(), (example,), dynamo=True, dynamic_shapes=dynamic_shapes, opset_version=opset,
             input_names=["images"], output_names=["pred_logits", "pred_masks"],
+            optimize=False,  # onnxscript's graph optimiser takes minutes here and gains little at run time
         )
     program.save(str(out))
     _write_sidecar(model, out)

@@ -57,8 +57,11 @@ class Mask2Former(nn.Module):
             self.transformer_decoder: nn.Module = MaskedTransformerDecoder(
                 memory_channels, config.num_classes, config.hidden_dim, config.num_queries, config.num_heads,
                 config.dim_feedforward, config.dec_layers, config.mask_dim, config.query_pos, config.enforce_input_proj,
+                config.mask_piloting,
             )
         elif config.transformer_decoder == "standard":
+            if config.mask_piloting:
+                raise ValueError("model.mask_piloting (MP-Former) needs the masked decoder (transformer_decoder: masked)")
             if config.pixel_decoder == "msdeformattn":
                 memory_channels = config.conv_dim  # attend to the encoder's 1/32 output
             self.transformer_decoder = StandardTransformerDecoder(
@@ -83,7 +86,12 @@ class Mask2Former(nn.Module):
         return images
 
     def forward(self, images: Tensor, piloting=None) -> Mask2FormerOutput:
-        """images: normalised [B, 3, H, W] with H, W multiples of ``size_divisibility``."""
+        """images: normalised [B, 3, H, W] with H, W multiples of ``size_divisibility``.
+
+        ``piloting``: an MP-Former ``MaskPiloting`` batch (``training/mask_piloting.py``); training only, ignored in
+        eval mode, so inference is exactly Mask2Former's."""
+        if not self.training:
+            piloting = None
         features = self.backbone(images)
         mask_features, multi_scale = self.pixel_decoder(features)
         predictions = self.transformer_decoder(multi_scale, mask_features, piloting)

@@ -1,7 +1,7 @@
 """Multi-scale deformable attention (Deformable DETR), pure PyTorch.
 
-The sampling core is plain ``grid_sample`` so it runs on any device; a faster kernel may replace
-``ms_deform_attn_core`` at run time (see ``kernels/``) and is checked against this path.
+The reference sampling core is plain ``grid_sample`` so it runs on any device; ``ms_deform_attn_core`` picks a
+Triton kernel for CUDA tensors at run time when one can be had (see ``kernels/``), checked against this path.
 """
 
 from __future__ import annotations
@@ -12,8 +12,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .kernels import select_ms_deform_attn
+
 
 def ms_deform_attn_core(
+    value: Tensor, spatial_shapes: list[tuple[int, int]], sampling_locations: Tensor, attention_weights: Tensor
+) -> Tensor:
+    """The MSDeformAttn sampling core (contract of ``ms_deform_attn_core_pytorch``), dispatched per call to the
+    Triton kernel or the PyTorch path (``kernels.select_ms_deform_attn``; ``MASK2FORMER_MSDA_BACKEND`` forces one)."""
+    implementation = select_ms_deform_attn(value, ms_deform_attn_core_pytorch)
+    return implementation(value, spatial_shapes, sampling_locations, attention_weights)
+
+
+def ms_deform_attn_core_pytorch(
     value: Tensor, spatial_shapes: list[tuple[int, int]], sampling_locations: Tensor, attention_weights: Tensor
 ) -> Tensor:
     """Bilinearly sample every level of ``value`` and sum the samples with ``attention_weights``.

@@ -2,7 +2,10 @@
 
 - ``MaskedTransformerDecoder`` (Mask2Former): learnable query features and positions, round-robin over the
   1/32, 1/16, 1/8 maps, masked cross-attention -> self-attention -> FFN, post-norm, no dropout, a prediction from
-  the initial queries and after every layer.
+  the initial queries and after every layer. ``query_pos=False`` drops the learnable query positional embedding:
+  MP-Former's released decoder (IDEA-Research/MP-Former) removed it, for its matching and piloting queries alike.
+  ``mask_piloting=True`` adds MP-Former's label embedding (a training-only parameter; see
+  ``training/mask_piloting.py``).
 - ``StandardTransformerDecoder`` (MaskFormer): DETR decoder on one memory map, self-attention -> cross-attention
   -> FFN, zero content queries, dropout 0.1, a prediction after every layer.
 """
@@ -88,9 +91,12 @@ def attention_mask_from_masks(mask_logits: Tensor, size: tuple[int, int]) -> Ten
     instead (the reference's fix, facebookresearch/Mask2Former#125). Detached: no gradient through the mask.
     """
     resized = F.interpolate(mask_logits.detach(), size=size, mode="bilinear", align_corners=False)
-    blocked = resized.flatten(2).sigmoid() < 0.5
-    blocked = blocked & ~blocked.all(-1, keepdim=True)
-    return blocked.unsqueeze(1)
+    return unblock_empty_rows(resized.flatten(2).sigmoid() < 0.5).unsqueeze(1)
+
+
+def unblock_empty_rows(blocked: Tensor) -> Tensor:
+    """Rows (last dim = keys) that block every key attend everywhere instead."""
+    return blocked & ~blocked.all(-1, keepdim=True)
 
 
 class MaskedDecoderLayer(nn.Module):
@@ -136,6 +142,7 @@ class MaskedTransformerDecoder(nn.Module):
         mask_dim: int = 256,
         query_pos: bool = True,
         enforce_input_proj: bool = False,
+        mask_piloting: bool = False,
     ) -> None:
         super().__init__()
         self.num_heads = num_heads
@@ -151,6 +158,9 @@ class MaskedTransformerDecoder(nn.Module):
         self.query_embed = nn.Embedding(num_queries, hidden_dim) if query_pos else None
         self.layers = nn.ModuleList(MaskedDecoderLayer(hidden_dim, num_heads, dim_feedforward) for _ in range(num_layers))
         self.heads = PredictionHeads(hidden_dim, num_classes, mask_dim)
+        # MP-Former: the content of a piloting query is the embedding of its (noised) ground-truth class. Created
+        # last, so that the other parameters get the same initial values as without piloting.
+        self.label_embed = nn.Embedding(num_classes, hidden_dim) if mask_piloting else None
 
     def prepare_memory(self, multi_scale: list[Tensor]) -> tuple[list[Tensor], list[Tensor], list[tuple[int, int]]]:
         memories, positions, sizes = [], [], []
@@ -189,12 +199,17 @@ class MaskedTransformerDecoder(nn.Module):
             predictions.append((class_logits, mask_logits))
             if index + 1 < len(self.layers):
                 cross_blocked = self._cross_mask(mask_logits, sizes[(index + 1) % self.num_levels], piloting, index + 1)
+        if piloting is None and self.label_embed is not None and self.training:
+            # DDP needs a gradient for every parameter in every step, also when no query was piloted.
+            class_logits, mask_logits = predictions[-1]
+            predictions[-1] = (class_logits + self.label_embed.weight.sum() * 0, mask_logits)
         return predictions
 
     def _cross_mask(self, mask_logits: Tensor, size: tuple[int, int], piloting, layer: int) -> Tensor:
         blocked = attention_mask_from_masks(mask_logits, size)
         if piloting is not None:
-            blocked = piloting.override_attention_mask(blocked, size, layer)
+            # Ground-truth rows may be empty (unused slots, point noise): unblock them after the override.
+            blocked = unblock_empty_rows(piloting.override_attention_mask(blocked, size, layer))
         return blocked
 
 

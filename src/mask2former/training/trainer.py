@@ -115,6 +115,17 @@ def lookup_metric(metrics: dict[str, Any], name: str) -> float | None:
     return None
 
 
+def _finite_or_none(value: Any) -> Any:
+    """NaN/inf -> None, so that metrics.jsonl is strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite_or_none(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(item) for item in value]
+    return value
+
+
 def _flatten_numbers(values: dict[str, Any], prefix: str = "") -> dict[str, float]:
     flat = {}
     for key, value in values.items():
@@ -170,8 +181,6 @@ class Trainer:
     ) -> None:
         if best_mode not in ("max", "min"):
             raise ValueError(f"Trainer: best_mode must be 'max' or 'min', got {best_mode!r}")
-        if config.mask_piloting.enabled:
-            raise NotImplementedError("Trainer: mask_piloting.enabled (MP-Former) is not wired into the trainer yet")
         self.config = config
         self.context = dist_utils.init_distributed(device)
         self.device = self.context.device
@@ -355,8 +364,14 @@ class Trainer:
         images = batch["images"].to(self.device, non_blocking=True)
         padding_mask = batch["padding_mask"].to(self.device, non_blocking=True)
         targets = [remove_crowd(target, self.device) for target in batch["targets"]]
+        piloting = None
+        if self.config.mask_piloting.enabled:  # MP-Former: ground-truth-piloted extra queries, training only
+            from .mask_piloting import build_mask_piloting
+
+            piloting = build_mask_piloting(self.model, targets, self.config.mask_piloting, self.point_generator)
         with self._autocast():
-            outputs = model(self.model.normalize(images, padding_mask))
+            normalized = self.model.normalize(images, padding_mask)
+            outputs = model(normalized, piloting) if piloting is not None else model(normalized)
         # The criterion computes its costs and losses in fp32 whatever the autocast state.
         losses = self.criterion(outputs, targets, generator=self.point_generator)
         total = sum(losses.values())
@@ -507,7 +522,7 @@ class Trainer:
 
     def _write_row(self, row: dict[str, Any]) -> None:
         if self.is_main and self._metrics_file is not None:
-            self._metrics_file.write(json.dumps(row) + "\n")
+            self._metrics_file.write(json.dumps(_finite_or_none(row), allow_nan=False) + "\n")
             self._metrics_file.flush()
 
     # ----------------------------------------------------------------------------------------------- fit
@@ -548,7 +563,13 @@ class Trainer:
                             file=sys.stderr)
         last_checkpoint = None
         train_config = self.config.train
+        redirect = nullcontext()
+        if progress is not None:
+            from tqdm.contrib.logging import logging_redirect_tqdm
+
+            redirect = logging_redirect_tqdm(loggers=[logger])  # log lines above the bar, not through it
         try:
+            redirect.__enter__()
             self._start_random_streams()
             data_iter = iter(loader)
             window: dict[str, Tensor] = {}
@@ -589,6 +610,7 @@ class Trainer:
             if self.step >= self.max_iter and self.is_main:
                 self._save_weights(self.output_dir / "model_final", {"step": self.step})
         finally:
+            redirect.__exit__(None, None, None)
             if progress is not None:
                 progress.close()
             self._close_logs()

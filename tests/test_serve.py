@@ -1,0 +1,386 @@
+"""``mask2former serve``: the JSON API against a live server on an ephemeral port, and the page in headless Chromium.
+
+Oracle: every API answer must equal what the Predictor and ``viz.visualize`` give for the same image, also when
+requests run in parallel.
+"""
+
+import base64
+import http.client
+import io
+import json
+import os
+import shutil
+import tempfile
+import threading
+import urllib.error
+import urllib.request
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mask2former.data.fashion_scenes import FashionScenes, fashion_scenes_label_space
+from mask2former.inference.predictor import Predictor
+from mask2former.modeling.model import Mask2Former
+from mask2former.serve import make_server
+from mask2former.viz import visualize
+
+from conftest import tiny_swin_config
+
+LABELS = fashion_scenes_label_space()
+MAX_UPLOAD = 200_000
+MAX_PIXELS = 150 * 150
+
+
+def _confident_classes(module, inputs, output):
+    # A random model gives every query nearly the same class; make query q confident in class 4q mod K (things and
+    # stuff) so results hold several segments of different classes. The random mask logits still decide where.
+    queries, classes = output.shape[-2], output.shape[-1] - 1
+    pattern = torch.zeros(queries, classes + 1, dtype=output.dtype, device=output.device)
+    pattern[torch.arange(queries), (4 * torch.arange(queries)) % classes] = 8.0
+    return output + pattern
+
+
+def make_model() -> Mask2Former:
+    torch.manual_seed(0)
+    model = Mask2Former(tiny_swin_config(num_classes=LABELS.num_classes), labels=LABELS.to_dict()).eval()
+    model.transformer_decoder.heads.class_embed.register_forward_hook(_confident_classes)
+    return model
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    # On a busy 2-core machine two intra-op threads in the main thread run this model 20x slower than one.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def predictor():
+    # random masks overlap a lot: a low overlap threshold keeps several panoptic segments
+    return Predictor(make_model(), top_k=8, overlap_threshold=0.1)
+
+
+@pytest.fixture(scope="module")
+def server(predictor):
+    server = make_server(predictor, "127.0.0.1", 0, max_upload_bytes=MAX_UPLOAD, max_pixels=MAX_PIXELS)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+    thread.join(5)
+
+
+@pytest.fixture(scope="module")
+def scenes():
+    dataset = FashionScenes("val", num_images=4, image_size=(96, 128))
+    return [dataset[i]["image"] for i in range(len(dataset))]
+
+
+def png_bytes(image) -> bytes:
+    array = image.permute(1, 2, 0).numpy() if isinstance(image, torch.Tensor) else image
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def call(server, path, data=None, headers=None, method=None):
+    """(status, JSON body) of a request; HTTP errors are answers too."""
+    request = urllib.request.Request(server.url.rstrip("/") + path, data=data, headers=headers or {}, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def predict(server, image_bytes, task, content_type="image/png", **params):
+    query = "&".join(f"{k}={v}" for k, v in {"task": task, **params}.items())
+    return call(server, f"/api/predict?{query}", image_bytes, {"Content-Type": content_type})
+
+
+def multipart(fields: dict, file_bytes: bytes, file_type="image/png") -> tuple[bytes, str]:
+    boundary = uuid.uuid4().hex
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode() for k, v in fields.items()]
+    parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="scene.png"\r\n'
+                 f"Content-Type: {file_type}\r\n\r\n".encode() + file_bytes + b"\r\n")
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def overlay_array(body) -> np.ndarray:
+    prefix = "data:image/png;base64,"
+    assert body["overlay_png"].startswith(prefix)
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(body["overlay_png"][len(prefix):]))).convert("RGB"))
+
+
+def expected_rows(predictor, image, task, score_threshold=0.5, legend=True):
+    """What the API must answer for ``image``, computed with the Predictor directly, and the overlay."""
+    result = predictor.predict_tasks([image], (task,))[0][task]
+    if task == "panoptic":
+        rows = [(int(s["id"]), LABELS.names[s["category_id"]], bool(s["isthing"]), float(s["score"]), int(s["area"]))
+                for s in result[1]]
+    elif task == "instance":
+        rows = [(LABELS.names[int(label)], float(score), [float(v) for v in box], int(mask.sum()))
+                for label, score, box, mask in zip(result["labels"], result["scores"], result["boxes"], result["masks"])
+                if score >= score_threshold]
+    else:
+        rows = [(LABELS.names[c], int((result == c).sum())) for c in result.unique().tolist()]
+    options = {"score_threshold": score_threshold} if task == "instance" else {}
+    return rows, np.asarray(visualize(image, result, task, LABELS, legend=legend, **options))
+
+
+def answered_rows(body):
+    task = body["task"]
+    if task == "panoptic":
+        return [(s["id"], s["category"], s["isthing"], s["score"], s["area"]) for s in body["segments"]]
+    if task == "instance":
+        return [(s["category"], s["score"], s["box"], s["area"]) for s in body["instances"]]
+    return [(s["category"], s["area"]) for s in body["classes"]]
+
+
+# --------------------------------------------------------------------------------------------------- info routes
+def test_health(server):
+    status, body = call(server, "/api/health")
+    assert status == 200
+    assert body["status"] == "ok" and body["num_classes"] == LABELS.num_classes
+    assert body["tasks"] == ["semantic", "instance", "panoptic"]
+    assert body["limits"] == {"max_upload_bytes": MAX_UPLOAD, "max_pixels": MAX_PIXELS}
+
+
+def test_classes(server):
+    status, body = call(server, "/api/classes")
+    assert status == 200
+    assert [c["name"] for c in body["classes"]] == LABELS.names
+    assert [c["category_id"] for c in body["classes"]] == LABELS.dataset_ids
+    assert [c["isthing"] for c in body["classes"]] == LABELS.is_thing
+    assert [tuple(c["color"]) for c in body["classes"]] == LABELS.colors
+
+
+def test_page_and_static_files(server):
+    with urllib.request.urlopen(server.url, timeout=10) as response:
+        html = response.read().decode()
+        assert response.headers["Content-Type"].startswith("text/html")
+        assert "default-src 'self'" in response.headers["Content-Security-Policy"]
+    assert "/static/app.js" in html and "/static/style.css" in html
+    for name in ("app.js", "style.css"):
+        with urllib.request.urlopen(server.url + "static/" + name, timeout=10) as response:
+            text = response.read().decode()
+            # nothing external: the page must work on a closed network
+            assert "http://" not in text and "https://" not in text
+    assert "https://" not in html and "http://" not in html
+
+
+# --------------------------------------------------------------------------------------------------- predictions
+@pytest.mark.parametrize("task", ["semantic", "instance", "panoptic"])
+def test_predict_matches_predictor_and_viz(server, predictor, scenes, task):
+    image = scenes[0]
+    status, body = predict(server, png_bytes(image), task, score_threshold=0.3)
+    assert status == 200, body
+    assert (body["task"], body["height"], body["width"]) == (task, 96, 128)
+    rows, overlay = expected_rows(predictor, image, task, score_threshold=0.3)
+    assert len(rows) >= 2  # the test model gives several segments, so the comparison means something
+    assert answered_rows(body) == rows
+    assert np.array_equal(overlay_array(body), overlay)
+    shown = {row["category"] for row in body[{"panoptic": "segments", "instance": "instances",
+                                               "semantic": "classes"}[task]]}
+    assert [entry["category"] for entry in body["legend"]] == [n for n in LABELS.names if n in shown]
+    for entry in body["legend"]:
+        assert tuple(entry["color"]) == LABELS.colors[entry["label"]]
+        assert entry["category_id"] == LABELS.to_dataset(entry["label"])
+
+
+def test_multipart_form_legend_and_overlay_options(server, predictor, scenes):
+    raw = predict(server, png_bytes(scenes[1]), "panoptic", legend=0)
+    assert raw[0] == 200
+    assert np.array_equal(overlay_array(raw[1]), expected_rows(predictor, scenes[1], "panoptic", legend=False)[1])
+    body, content_type = multipart({"task": "panoptic"}, png_bytes(scenes[1]))
+    status, form = call(server, "/api/predict?overlay=0", body, {"Content-Type": content_type})
+    assert status == 200
+    assert form["task"] == "panoptic" and "overlay_png" not in form
+    assert form["segments"] == raw[1]["segments"]
+    # a JPEG (lossy: compare with the predictor on the decoded JPEG) sent as octet-stream
+    buffer = io.BytesIO()
+    Image.fromarray(scenes[1].permute(1, 2, 0).numpy()).save(buffer, format="JPEG")
+    status, jpeg = predict(server, buffer.getvalue(), "semantic", content_type="application/octet-stream")
+    decoded = torch.from_numpy(np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")).copy()).permute(2, 0, 1)
+    assert status == 200 and answered_rows(jpeg) == expected_rows(predictor, decoded, "semantic")[0]
+
+
+def test_concurrent_requests_match_single_requests(server, scenes):
+    jobs = [(index, task) for index in range(len(scenes)) for task in ("semantic", "instance", "panoptic")]
+    uploads = [png_bytes(image) for image in scenes]
+    single = {job: predict(server, uploads[job[0]], job[1], score_threshold=0.2) for job in jobs}
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        parallel = dict(zip(jobs * 2, pool.map(lambda job: predict(server, uploads[job[0]], job[1], score_threshold=0.2),
+                                               jobs * 2)))
+    assert len({json.dumps(answered_rows(single[(i, "panoptic")][1])) for i in range(len(scenes))}) == len(scenes)
+    for job in jobs:
+        assert parallel[job][0] == 200 and single[job][0] == 200
+        assert answered_rows(parallel[job][1]) == answered_rows(single[job][1]), job
+        assert parallel[job][1]["overlay_png"] == single[job][1]["overlay_png"], job
+
+
+# --------------------------------------------------------------------------------------------------- errors
+def assert_error(answer, status, fragment):
+    code, body = answer
+    assert code == status, body
+    assert body["status"] == status and fragment in body["error"] and "\n" not in body["error"]
+
+
+def test_unknown_task_and_bad_parameters(server, scenes):
+    upload = png_bytes(scenes[0])
+    assert_error(predict(server, upload, "depth"), 400, "unknown task 'depth'")
+    assert_error(predict(server, upload, "instance", score_threshold="high"), 400, "score_threshold")
+    assert_error(predict(server, upload, "instance", score_threshold="1.5"), 400, "score_threshold")
+
+
+def test_not_an_image_content_type(server, scenes):
+    assert_error(predict(server, b'{"a": 1}', "panoptic", content_type="application/json"), 415, "application/json")
+    body, content_type = multipart({}, b"hello", file_type="text/plain")
+    assert_error(call(server, "/api/predict", body, {"Content-Type": content_type}), 415, "text/plain")
+    body, content_type = multipart({"task": "semantic"}, b"")
+    no_image = body.replace(b'name="image"', b'name="picture"')
+    assert_error(call(server, "/api/predict", no_image, {"Content-Type": content_type}), 400, "no 'image' field")
+
+
+def test_broken_image_bytes(server, scenes):
+    assert_error(predict(server, b"this is not an image", "panoptic"), 400, "not a recognised image format")
+    assert_error(predict(server, b"", "panoptic"), 400, "empty upload")
+    valid = png_bytes(scenes[0])
+    assert_error(predict(server, valid[: len(valid) // 2], "panoptic"), 400, "truncated or corrupt image")
+
+
+def test_upload_too_large(server):
+    too_big = np.random.default_rng(0).integers(0, 256, MAX_UPLOAD + 1, dtype=np.uint8).tobytes()
+    assert_error(predict(server, too_big, "panoptic"), 413, f"the limit is {MAX_UPLOAD} bytes")
+    # the server still answers after refusing an upload
+    assert call(server, "/api/health")[0] == 200
+
+
+def test_image_too_many_pixels(server):
+    big = png_bytes(np.zeros((151, 150, 3), dtype=np.uint8))  # compresses far below the upload limit
+    assert_error(predict(server, big, "semantic"), 413, f"151 = 22650 pixels; the limit is {MAX_PIXELS}")
+    assert predict(server, png_bytes(np.zeros((150, 150, 3), dtype=np.uint8)), "semantic")[0] == 200
+
+
+def test_routes_methods_length_and_host(server):
+    assert_error(call(server, "/api/predict"), 405, "use POST")
+    assert_error(call(server, "/nothing/here"), 404, "/nothing/here")
+    assert_error(call(server, "/api/health", b"x", {"Content-Type": "image/png"}), 405, "POST")
+    host, port = server.server_address[:2]
+    connection = http.client.HTTPConnection(host, port, timeout=10)
+    connection.putrequest("POST", "/api/predict?task=panoptic")
+    connection.putheader("Content-Type", "image/png")
+    connection.endheaders()
+    response = connection.getresponse()
+    assert response.status == 411 and "Content-Length" in json.loads(response.read())["error"]
+    connection.close()
+    assert_error(call(server, "/api/health", headers={"Host": "attacker.example:80"}), 403, "attacker.example")
+
+
+# --------------------------------------------------------------------------------------------------- CLI
+def test_cli_serve_loads_a_checkpoint(tmp_path, monkeypatch, capsys):
+    from mask2former import cli
+    from mask2former.serve import app
+
+    torch.manual_seed(0)
+    Mask2Former(tiny_swin_config(num_classes=LABELS.num_classes), labels=LABELS.to_dict()).save_pretrained(tmp_path / "ckpt")
+    started = []
+
+    def recording_make_server(*args, **kwargs):
+        started.append(app.make_server.__wrapped__(*args, **kwargs))
+        return started[-1]
+
+    recording_make_server.__wrapped__ = app.make_server
+    monkeypatch.setattr(app, "make_server", recording_make_server)
+    exit_codes = []
+    thread = threading.Thread(target=lambda: exit_codes.append(
+        cli.main(["serve", "--checkpoint", str(tmp_path / "ckpt"), "--port", "0"])), daemon=True)
+    thread.start()
+    try:
+        for _ in range(600):
+            if started or not thread.is_alive():
+                break
+            thread.join(0.05)
+        assert started, f"server did not start: {capsys.readouterr()}"
+        with urllib.request.urlopen(started[0].url + "api/classes", timeout=30) as response:
+            assert [c["name"] for c in json.loads(response.read())["classes"]] == LABELS.names
+    finally:
+        if started:
+            started[0].shutdown()
+        thread.join(10)
+    assert exit_codes == [0]
+    assert f"open {started[0].url}" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------------------- browser
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+
+
+def test_page_in_headless_chromium(server, predictor, scenes, tmp_path):
+    if CHROMIUM is None or CHROMEDRIVER is None:
+        pytest.skip("headless browser test needs Debian's chromium and chromium-driver (apt-get install chromium "
+                    "chromium-driver)")
+    webdriver = pytest.importorskip("selenium.webdriver", reason="headless browser test needs selenium (pip install selenium)")
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+
+    image_path = tmp_path / "scene.png"
+    image_path.write_bytes(png_bytes(scenes[2]))
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    profile = tempfile.mkdtemp(prefix="chromium-profile-")
+    # The closed network refuses Chromium's background connections; these flags stop it from trying.
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", "--window-size=1200,800", f"--user-data-dir={profile}"):
+        options.add_argument(flag)
+    service = webdriver.ChromeService(executable_path=CHROMEDRIVER)
+    driver = webdriver.Chrome(options=options, service=service)
+    try:
+        driver.get(server.url)
+        WebDriverWait(driver, 10).until(lambda d: "classes" in d.find_element(By.ID, "model-info").text)
+        driver.find_element(By.ID, "file").send_keys(str(image_path))
+        Select(driver.find_element(By.ID, "task")).select_by_value("panoptic")
+        driver.find_element(By.ID, "run").click()
+        WebDriverWait(driver, 30).until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state")
+                                        in ("done", "error"))
+        assert driver.find_element(By.ID, "error").text == ""
+        WebDriverWait(driver, 10).until(
+            lambda d: d.execute_script("const i = document.getElementById('overlay'); return i.complete && i.naturalWidth"))
+        natural = driver.execute_script("const i = document.getElementById('overlay'); return [i.naturalWidth, i.naturalHeight]")
+        rows, overlay = expected_rows(predictor, scenes[2], "panoptic", legend=False)
+        assert natural == [overlay.shape[1], overlay.shape[0]]
+        shown = driver.execute_script(
+            "const i = document.getElementById('overlay'), c = document.createElement('canvas');"
+            "c.width = i.naturalWidth; c.height = i.naturalHeight; const g = c.getContext('2d'); g.drawImage(i, 0, 0);"
+            "return Array.from(g.getImageData(0, 0, c.width, c.height).data);")
+        assert np.array_equal(np.asarray(shown, dtype=np.uint8).reshape(*overlay.shape[:2], 4)[..., :3], overlay)
+        table_rows = driver.find_elements(By.CSS_SELECTOR, "#segments tbody tr")
+        assert len(table_rows) == len(rows) >= 2
+        assert [r.find_elements(By.TAG_NAME, "td")[1].text for r in table_rows] == [row[1] for row in rows]
+        legend = [item.text for item in driver.find_elements(By.CSS_SELECTOR, "#legend li")]
+        assert legend == [n for n in LABELS.names if n in {row[1] for row in rows}]
+        # SERVE_SCREENSHOT=docs/serve_screenshot.png refreshes the picture in the docs
+        screenshot = Path(os.environ.get("SERVE_SCREENSHOT", tmp_path / "serve.png"))
+        screenshot.parent.mkdir(parents=True, exist_ok=True)
+        assert driver.save_screenshot(str(screenshot))
+        # an error from the API shows in the page
+        Select(driver.find_element(By.ID, "task")).select_by_value("semantic")
+        bad_path = tmp_path / "broken.png"
+        bad_path.write_bytes(b"not a picture")
+        driver.find_element(By.ID, "file").send_keys(str(bad_path))
+        driver.find_element(By.ID, "run").click()
+        WebDriverWait(driver, 30).until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "error")
+        assert "400" in driver.find_element(By.ID, "error").text
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)

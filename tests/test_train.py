@@ -1,0 +1,58 @@
+import json
+
+import pytest
+import torch
+
+from mask2former.config import load_config
+from mask2former.data import FashionScenes
+from mask2former.modeling.model import Mask2Former
+from mask2former.train import build_criterion, build_datasets, build_train_transforms, run_train
+
+TINY = [
+    "model.backbone.pretrained=false", "model.hidden_dim=32", "model.conv_dim=32", "model.mask_dim=32",
+    "model.num_queries=8", "model.dim_feedforward=64", "model.dec_layers=2", "model.enc_layers=1",
+    "model.enc_ffn_dim=64", "model.num_heads=2", "loss.num_points=64", "data.num_train_images=4",
+    "data.num_val_images=2", "data.image_size=64", "data.crop_size=[64,64]", "data.num_workers=0",
+    "solver.max_iter=2", "solver.batch_size=2",
+]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_run_train_fashion_scenes_end_to_end(tmp_path):
+    """The default preset, shrunk: FashionScenes, the lite0 backbone (random init), bf16 autocast, evaluation at the
+    end with PQ/AP/mIoU, and a final model that loads with from_pretrained."""
+    config = load_config("fashion_scenes_lite0", TINY + [f"train.output_dir={tmp_path}", "train.checkpoint_period=1"])
+    assert config.model.num_classes == 13 and config.solver.precision == "bf16"
+    result = run_train(config, resume=False)
+    assert result["step"] == 2 and result["best"]["metric"] == "PQ"
+    assert {"PQ", "AP", "mIoU"} <= set(result["metrics"])
+    model = Mask2Former.from_pretrained(tmp_path / "model_final")
+    assert model.num_classes == 13 and model.labels["names"] == FashionScenes.label_space.names
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all(isinstance(row["loss"], float) and row["loss"] > 0 for row in rows if "loss" in row)
+    # Resuming a finished run trains nothing more and keeps the final step.
+    again = run_train(config, resume=True)
+    assert again["step"] == 2
+
+
+def test_builders_follow_the_config():
+    config = load_config("fashion_scenes_lite0", TINY + ["data.augmentation=lsj", "model.num_classes=3"])
+    train, val, labels = build_datasets(config)
+    assert isinstance(train, FashionScenes) and len(train) == 4 and len(val) == 2 and labels.num_classes == 13
+    assert train.transforms is not None and val.transforms is None
+    criterion = build_criterion(config, labels.num_classes)
+    assert criterion.num_classes == 13 and criterion.matcher.num_points == 64
+    semantic = load_config("ade20k_semantic_r50", ["data.crop_size=[512,1024]"])
+    names = [type(t).__name__ for t in build_train_transforms(semantic.data).transforms]
+    assert names == ["ResizeShortestEdge", "RandomCrop", "ColorJitter", "RandomHorizontalFlip"]
+    with pytest.raises(ValueError, match="square"):
+        build_train_transforms(load_config("coco_panoptic_r50", ["data.crop_size=[512,1024]"]).data)
+    with pytest.raises(ValueError, match="data.root is empty"):
+        build_datasets(load_config("ade20k_semantic_r50", ["data.root="]))
