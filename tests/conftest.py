@@ -42,3 +42,7 @@ def tiny_swin_config(**overrides) -> ModelConfig:
     )
     values.update(overrides)
     return ModelConfig(**values)
+
+
+# The suite runs many tiny models: one intra-op thread avoids oversubscribing 2-core machines (and is faster there).
+torch.set_num_threads(1)

@@ -33,7 +33,7 @@ from conftest import tiny_swin_config
 
 LABELS = fashion_scenes_label_space()
 MAX_UPLOAD = 200_000
-MAX_PIXELS = 150 * 150
+MAX_PIXELS = 192 * 256
 
 
 def _confident_classes(module, inputs, output):
@@ -213,13 +213,30 @@ def test_multipart_form_legend_and_overlay_options(server, predictor, scenes):
     assert status == 200 and answered_rows(jpeg) == expected_rows(predictor, decoded, "semantic")[0]
 
 
-def test_concurrent_requests_match_single_requests(server, scenes):
+def test_concurrent_requests_match_single_requests(server, predictor, scenes, monkeypatch):
     jobs = [(index, task) for index in range(len(scenes)) for task in ("semantic", "instance", "panoptic")]
     uploads = [png_bytes(image) for image in scenes]
     single = {job: predict(server, uploads[job[0]], job[1], score_threshold=0.2) for job in jobs}
+    # count forward passes running at once: the shared model must see one at a time
+    active, most_active, counter_lock = [0], [0], threading.Lock()
+    original = predictor.predict_tasks
+
+    def counting_predict_tasks(*args, **kwargs):
+        with counter_lock:
+            active[0] += 1
+            most_active[0] = max(most_active[0], active[0])
+        try:
+            threading.Event().wait(0.01)  # widen the window in which an unguarded second call would overlap
+            return original(*args, **kwargs)
+        finally:
+            with counter_lock:
+                active[0] -= 1
+
+    monkeypatch.setattr(predictor, "predict_tasks", counting_predict_tasks)
     with ThreadPoolExecutor(max_workers=8) as pool:
         parallel = dict(zip(jobs * 2, pool.map(lambda job: predict(server, uploads[job[0]], job[1], score_threshold=0.2),
                                                jobs * 2)))
+    assert most_active[0] == 1
     assert len({json.dumps(answered_rows(single[(i, "panoptic")][1])) for i in range(len(scenes))}) == len(scenes)
     for job in jobs:
         assert parallel[job][0] == 200 and single[job][0] == 200
@@ -265,15 +282,16 @@ def test_upload_too_large(server):
 
 
 def test_image_too_many_pixels(server):
-    big = png_bytes(np.zeros((151, 150, 3), dtype=np.uint8))  # compresses far below the upload limit
-    assert_error(predict(server, big, "semantic"), 413, f"151 = 22650 pixels; the limit is {MAX_PIXELS}")
-    assert predict(server, png_bytes(np.zeros((150, 150, 3), dtype=np.uint8)), "semantic")[0] == 200
+    big = png_bytes(np.zeros((193, 256, 3), dtype=np.uint8))  # compresses far below the upload limit
+    assert_error(predict(server, big, "semantic"), 413, f"256x193 = 49408 pixels; the limit is {MAX_PIXELS}")
+    assert predict(server, png_bytes(np.zeros((192, 256, 3), dtype=np.uint8)), "semantic")[0] == 200
 
 
 def test_routes_methods_length_and_host(server):
     assert_error(call(server, "/api/predict"), 405, "use POST")
     assert_error(call(server, "/nothing/here"), 404, "/nothing/here")
     assert_error(call(server, "/api/health", b"x", {"Content-Type": "image/png"}), 405, "POST")
+    assert_error(call(server, "/api/predict", b"x", {"Content-Type": "image/png"}, method="PUT"), 501, "PUT")
     host, port = server.server_address[:2]
     connection = http.client.HTTPConnection(host, port, timeout=10)
     connection.putrequest("POST", "/api/predict?task=panoptic")
@@ -333,8 +351,9 @@ def test_page_in_headless_chromium(server, predictor, scenes, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
+    scene = FashionScenes("val", num_images=1, image_size=(192, 256))[0]["image"]
     image_path = tmp_path / "scene.png"
-    image_path.write_bytes(png_bytes(scenes[2]))
+    image_path.write_bytes(png_bytes(scene))
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     profile = tempfile.mkdtemp(prefix="chromium-profile-")
@@ -357,7 +376,7 @@ def test_page_in_headless_chromium(server, predictor, scenes, tmp_path):
         WebDriverWait(driver, 10).until(
             lambda d: d.execute_script("const i = document.getElementById('overlay'); return i.complete && i.naturalWidth"))
         natural = driver.execute_script("const i = document.getElementById('overlay'); return [i.naturalWidth, i.naturalHeight]")
-        rows, overlay = expected_rows(predictor, scenes[2], "panoptic", legend=False)
+        rows, overlay = expected_rows(predictor, scene, "panoptic", legend=False)
         assert natural == [overlay.shape[1], overlay.shape[0]]
         shown = driver.execute_script(
             "const i = document.getElementById('overlay'), c = document.createElement('canvas');"

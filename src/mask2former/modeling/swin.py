@@ -145,7 +145,7 @@ def _shift_attention_mask(height: int, width: int, window: int, shift: int, dtyp
     region = (regions(height)[:, None] * 3 + regions(width)[None, :]).to(dtype)
     region_windows = _window_partition(region[None, :, :, None], window).squeeze(-1)  # [nW, window^2]
     different = region_windows[:, None, :] != region_windows[:, :, None]
-    return torch.zeros_like(different, dtype=dtype).masked_fill(different, -100.0)
+    return different.to(dtype) * -100.0
 
 
 class PatchMerging(nn.Module):

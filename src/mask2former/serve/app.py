@@ -12,8 +12,9 @@ Routes:
   Answers ``{task, width, height, segments | instances | classes, legend, overlay_png (a data: URL), inference_ms}``.
 
 ``label`` is the model's contiguous class id, ``category_id`` the data set id (as ``mask2former predict`` writes).
-Errors are ``{"error": one line, "status": code}`` with 400 (bad request, broken image, unknown task), 404, 405,
-411 (no Content-Length), 413 (upload or image too large), 415 (not an image) or 500.
+Errors are ``{"error": one line, "status": code}`` with 400 (bad request, broken image, unknown task), 403 (a Host
+header that is not loopback while bound to loopback), 404, 405, 408, 411 (no Content-Length), 413 (upload or image
+too large), 415 (not an image), 500 or 501 (unsupported method).
 One model is shared by all request threads, so inference runs under a lock; decoding and drawing run in parallel.
 """
 
@@ -147,9 +148,10 @@ class SegmentationService:
                 "isthing": space.is_thing[label], "color": list(class_color(space, label))}
 
     def classes(self) -> dict[str, Any]:
+        # COCO-categories style: "name" here, "category" in the per-segment entries of /api/predict
         entries = [self._class_entry(label) for label in range(self.label_space.num_classes)]
-        return {"classes": [{"label": e["label"], "category_id": e["category_id"], "name": e["category"],
-                             "isthing": e["isthing"], "color": e["color"]} for e in entries]}
+        return {"classes": [{"name" if key == "category" else key: value for key, value in entry.items()}
+                            for entry in entries]}
 
     def run_model(self, image: torch.Tensor, task: str) -> Any:
         """The predictor's result for one decoded image (exactly what ``Predictor(task=task)(image)`` gives)."""
@@ -169,7 +171,7 @@ class SegmentationService:
         inference_ms = (time.perf_counter() - start) * 1000.0
         response: dict[str, Any] = {"task": task, "width": int(image.shape[2]), "height": int(image.shape[1])}
         if task == "panoptic":
-            segment_map, segments_info = result
+            _, segments_info = result
             response["segments"] = [
                 {"id": int(info["id"]), **self._class_entry(int(info["category_id"])),
                  "isthing": bool(info["isthing"]), "score": float(info["score"]), "area": int(info["area"])}
@@ -255,6 +257,8 @@ class _Handler(BaseHTTPRequestHandler):
             route(urlsplit(self.path))
         except ApiError as error:
             self._send_error(error)
+        except (BrokenPipeError, ConnectionResetError):
+            logger.info("%s %s: client went away", self.command, self.path)
         except Exception as error:  # a bug must not kill the server thread silently
             logger.exception("request %s %s failed", self.command, self.path)
             self._send_error(ApiError(500, f"internal error: {type(error).__name__}: {_one_line(error)}"))
@@ -340,7 +344,10 @@ class _Handler(BaseHTTPRequestHandler):
                         break
                     remaining -= len(chunk)
             raise self._too_large(length)
-        body = self.rfile.read(length)
+        try:
+            body = self.rfile.read(length)
+        except TimeoutError:
+            raise ApiError(408, f"upload of {length} bytes timed out") from None
         if len(body) != length:
             raise ApiError(400, f"upload ended after {len(body)} of {length} bytes")
         return body
@@ -361,6 +368,11 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send_json(self, status: int, payload: dict[str, Any]) -> None:
         self._send_bytes(status, json.dumps(payload).encode("utf-8"), "application/json")
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        # http.server's own errors (malformed request, unsupported method) are JSON too.
+        self.close_connection = True
+        self._send_error(ApiError(code, message or HTTPStatus(code).phrase))
 
     def _send_error(self, error: ApiError) -> None:
         if error.status >= 500:

@@ -155,9 +155,14 @@ def _level_table(spatial_shapes: tuple[tuple[int, int], ...], device: torch.devi
     return torch.tensor(rows, dtype=torch.int32, device=device)
 
 
-def _block_rows(block_d: int) -> int:
-    # About 2048 accumulator elements per program (16 per thread with 4 warps).
-    return max(16, min(128, 2048 // block_d))
+# Launch shape: each program holds about TILE_ELEMENTS accumulator entries ([rows, D]) over NUM_WARPS warps.
+# Module-level so benchmarks/gpu.py can sweep them; the values are what that sweep chose on an H100.
+TILE_ELEMENTS = {"forward": 2048, "backward": 2048}
+NUM_WARPS = {"forward": 4, "backward": 4}
+
+
+def _block_rows(block_d: int, which: str) -> int:
+    return max(16, min(256, TILE_ELEMENTS[which] // block_d))
 
 
 def _check_inputs(value: Tensor, spatial_shapes, sampling_locations: Tensor, attention_weights: Tensor) -> None:
@@ -208,14 +213,14 @@ class _MSDeformAttnFunction(torch.autograd.Function):
         output = torch.empty(batch, queries, heads, head_dim, dtype=out_dtype, device=value.device)
         level_table = _level_table(spatial_shapes, value.device)
         block_d = triton.next_power_of_2(head_dim)
-        block_rows = _block_rows(block_d)
+        block_rows = _block_rows(block_d, "forward")
         num_rows = batch * queries * heads
         if num_rows > 0:
             _msda_forward_kernel[(triton.cdiv(num_rows, block_rows),)](
                 value, level_table, sampling_locations, attention_weights, output,
                 num_rows, queries * heads, heads, tokens * heads * head_dim,
                 HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_LEVELS=levels, NUM_POINTS=points, BLOCK_ROWS=block_rows,
-                ACC=_accumulator(value, sampling_locations, attention_weights), num_warps=4,
+                ACC=_accumulator(value, sampling_locations, attention_weights), num_warps=NUM_WARPS["forward"],
             )
         ctx.save_for_backward(value, level_table, sampling_locations, attention_weights)
         return output.view(batch, queries, heads * head_dim)
@@ -234,7 +239,7 @@ class _MSDeformAttnFunction(torch.autograd.Function):
         grad_locations = torch.empty_like(sampling_locations)
         grad_weights = torch.empty_like(attention_weights)
         block_d = triton.next_power_of_2(head_dim)
-        block_rows = _block_rows(block_d)
+        block_rows = _block_rows(block_d, "backward")
         num_rows = batch * queries * heads
         if num_rows > 0:
             _msda_backward_kernel[(triton.cdiv(num_rows, block_rows),)](
@@ -242,7 +247,7 @@ class _MSDeformAttnFunction(torch.autograd.Function):
                 grad_value, grad_locations, grad_weights,
                 num_rows, queries * heads, heads, tokens * heads * head_dim,
                 HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_LEVELS=levels, NUM_POINTS=points, BLOCK_ROWS=block_rows,
-                ACC=accumulator, VALUE_GRAD=value_grad, num_warps=4,
+                ACC=accumulator, VALUE_GRAD=value_grad, num_warps=NUM_WARPS["backward"],
             )
         grad_value = grad_value.to(value.dtype) if value_grad else None
         return (grad_value, None, grad_locations if ctx.needs_input_grad[2] else None,
