@@ -62,8 +62,9 @@ def make_batch(batch: int, size: int, num_classes: int, seed: int = 1) -> dict:
         semantic = torch.full((size, size), 255, dtype=torch.int64)
         for label, mask in zip(labels, masks):
             semantic[mask] = label
-        samples.append({"image": image, "labels": labels, "masks": masks, "iscrowd": torch.zeros(NUM_SEGMENTS, dtype=torch.bool),
-                        "semantic": semantic, "image_id": index, "file_name": "", "orig_size": (size, size)})
+        samples.append({"image": image, "labels": labels, "masks": masks,
+                        "iscrowd": torch.zeros(NUM_SEGMENTS, dtype=torch.bool), "semantic": semantic,
+                        "image_id": index, "file_name": "", "orig_size": (size, size)})
     return collate(samples)
 
 
@@ -144,10 +145,11 @@ def main() -> None:
                 torch.nn.utils.clip_grad_norm_(theirs.parameters(), 0.01)
                 their_optimizer.step()
             their_optimizer.zero_grad(set_to_none=True)
-            last_loss[f"transformers_{precision}"] = float(loss)
+            last_loss[f"transformers_{precision}"] = float(loss.detach())
         return step
 
-    variants = {"ours_fp32": ours_step("fp32"), "transformers_fp32": theirs_step("fp32"), "ours_bf16": ours_step("bf16")}
+    variants = {"ours_fp32": ours_step("fp32"), "transformers_fp32": theirs_step("fp32"),
+                "ours_bf16": ours_step("bf16")}
     if args.transformers_bf16 or device.type == "cuda":
         variants["transformers_bf16"] = theirs_step("bf16")
     if device.type == "cuda":

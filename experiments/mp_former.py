@@ -73,14 +73,16 @@ class Recorder(Callback):
 
 
 @torch.no_grad()
-def layer_consistency(model: nn.Module, dataset: Any, matcher: nn.Module, num_classes: int, batch_size: int = 8,
-                      size_divisibility: int = 32) -> dict[str, Any]:
-    """mIoU-L / Util over ``dataset`` (fp32, eval mode) with the training matcher on every decoder prediction."""
+def layer_consistency(model: nn.Module, dataset: Any, matcher: nn.Module, num_classes: int, num_images: int,
+                      batch_size: int = 8, size_divisibility: int = 32) -> dict[str, Any]:
+    """mIoU-L / Util over the first ``num_images`` of ``dataset`` (fp32, eval mode) with the training matcher on
+    every decoder prediction."""
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(0)  # matching samples points: fixed for every eval
     consistency = LayerConsistency()
-    for start in range(0, len(dataset), batch_size):
-        batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))], size_divisibility)
+    total = min(num_images, len(dataset))
+    for start in range(0, total, batch_size):
+        batch = collate([dataset[i] for i in range(start, min(start + batch_size, total))], size_divisibility)
         images = model.normalize(batch["images"].to(device), batch["padding_mask"].to(device))
         outputs = model(images)
         targets = prepare_targets([remove_crowd(t, device) for t in batch["targets"]], num_classes, len(images), device)
@@ -125,7 +127,7 @@ def run_arm(arm: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     def evaluate(model: nn.Module, dataset: Any) -> dict[str, Any]:
         metrics = dict(evaluate_metrics(model, dataset)["metrics"])
         metrics["layer_consistency"] = layer_consistency(
-            model, dataset, criterion.matcher, label_space.num_classes,
+            model, dataset, criterion.matcher, label_space.num_classes, args.lc_images,
             size_divisibility=config.model.size_divisibility)
         return {"metrics": metrics}
 
@@ -191,7 +193,8 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
     lines = [
         "# MP-Former vs Mask2Former vs MaskFormer-style decoder (FashionScenes)", "",
         f"Preset `{meta['preset']}`, {meta['max_iter']} steps, batch {meta['batch_size']}, seeds {meta['seeds']}, "
-        f"{meta['num_val']} val images; mean ± std over seeds. Produced by `experiments/mp_former.py`"
+        f"{meta['num_val']} val images "
+        f"({meta.get('lc_images')} for mIoU-L / Util); mean ± std over seeds. Produced by `experiments/mp_former.py`"
         f"{' (SMOKE RUN: numbers are meaningless)' if meta['smoke'] else ''}.", "",
         "mIoU-L / Util: `evaluation/layer_consistency.py` (our reconstruction of the paper's definitions: IoU of "
         "consecutive predictions of the finally matched queries; share of objects whose matched query at a layer is "
@@ -203,14 +206,16 @@ def markdown(summary: dict[str, Any], meta: dict[str, Any]) -> str:
         for step, entry in result["by_step"].items():
             lines.append(f"| {arm} | {step} | {_cell(entry['PQ'])} | {_cell(entry['mIoU'])} | {_cell(entry['AP'])} | "
                          f"{_cell(entry['mean_mIoU_L'])} | {_cell(entry['mean_Util'])} | {result['seconds']:.0f} |")
-    lines += ["", "Per layer at the last step (mean over seeds; mIoU-L_i compares prediction i and i+1; prediction 0 "
-              "is the one from the initial queries where the decoder has one):", ""]
+    lines += ["", "Per decoder prediction at the last step (mean over seeds). Prediction 0 comes from the initial queries, "
+              "prediction k from layer k; the MaskFormer decoder has no prediction 0. mIoU-L_i compares predictions "
+              "i and i+1; Util of the last prediction is 100 by definition.", ""]
     for key in ("mIoU_L", "Util"):
         width = max((len(r["per_layer_last"][key]) for r in summary.values()), default=0)
         lines += [f"| {key} | " + " | ".join(str(i) for i in range(width)) + " |", "|---|" + "---:|" * width]
         for arm, result in summary.items():
             values = result["per_layer_last"][key]
-            lines.append(f"| {arm} | " + " | ".join(f"{v:.1f}" for v in values) + " |" + " - |" * (width - len(values)))
+            cells = ["-"] * (width - len(values)) + [f"{v:.1f}" for v in values]  # align the final predictions
+            lines.append(f"| {arm} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
 
@@ -241,9 +246,10 @@ def plot(summary: dict[str, Any], directory: Path) -> list[str]:
 
     figure, axes = plt.subplots(1, 2, figsize=(11, 4))
     for axis, key, title in ((axes[0], "mIoU_L", "mIoU-L_i (prediction i vs i+1)"), (axes[1], "Util", "Util_i")):
+        width = max((len(r["per_layer_last"][key]) for r in summary.values()), default=0)
         for arm, result in summary.items():
             values = result["per_layer_last"][key]
-            axis.plot(range(len(values)), values, marker="o", label=arm)
+            axis.plot(range(width - len(values), width), values, marker="o", label=arm)  # final predictions aligned
         axis.set_xlabel("decoder prediction i")
         axis.set_ylabel(f"{key} (%)")
         axis.set_title(title + ", last step")
@@ -278,6 +284,7 @@ def main() -> None:
     parser.add_argument("--num-val", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--num-workers", type=int, default=1)
+    parser.add_argument("--lc-images", type=int, default=100, help="val images for mIoU-L / Util (a second pass)")
     parser.add_argument("--runs-dir", default=None, help="default: runs/mp_former (git-ignored)")
     parser.add_argument("--results-dir", default=None, help="default: experiments/results (smoke: the runs dir)")
     parser.add_argument("--smoke", action="store_true", help="4 steps, 16 train / 4 val images, batch 2, one seed")
@@ -299,7 +306,8 @@ def main() -> None:
         "preset": args.preset, "arms": args.arms, "seeds": args.seeds, "overrides": args.overrides,
         "max_iter": args.max_iter or base.solver.max_iter, "batch_size": args.batch_size or base.solver.batch_size,
         "num_val": args.num_val if args.num_val is not None else base.data.num_val_images,
-        "eval_every": args.eval_every, "smoke": args.smoke, "torch": torch.__version__,
+        "eval_every": args.eval_every, "lc_images": min(args.lc_images, args.num_val if args.num_val is not None else base.data.num_val_images),
+        "smoke": args.smoke, "torch": torch.__version__,
         "machine": f"{platform.machine()} {platform.processor()}", "threads": torch.get_num_threads(),
     }
     runs = []

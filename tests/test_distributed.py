@@ -118,7 +118,8 @@ def test_two_process_gloo_matches_one_process_with_the_global_batch(tmp_path, mo
     single.fit()
     reference = single.model.state_dict()
     moved = 0
-    initial = Trainer(compare, train_dataset=BoxScenes(), device="cpu", progress_bar=False, tensorboard=False).model.state_dict()
+    initial = Trainer(compare, train_dataset=BoxScenes(), device="cpu", progress_bar=False,
+                      tensorboard=False).model.state_dict()
     for key, value in reference.items():
         torch.testing.assert_close(ranks[0]["compare"][key], value, rtol=1e-5, atol=1e-6, msg=key)
         moved += int(not torch.equal(value, initial[key]))

@@ -213,7 +213,8 @@ class Snapshots(Callback):
 def test_nonfinite_step_is_skipped_and_logged(tmp_path):
     snapshots = Snapshots()
     config = tiny_config(tmp_path, max_iter=3, train={"max_nonfinite_steps": 3})
-    trainer = Trainer(config, train_dataset=BoxScenes(), device="cpu", progress_bar=False, tensorboard=False, callbacks=[snapshots])
+    trainer = Trainer(config, train_dataset=BoxScenes(), device="cpu", progress_bar=False, tensorboard=False,
+                      callbacks=[snapshots])
     trainer.model.register_forward_hook(NaNLogits(calls={2}))
     result = trainer.fit()
     assert torch.equal(snapshots.weights[2], snapshots.weights[1])  # no update at iteration 2
@@ -230,7 +231,8 @@ def test_nonfinite_step_is_skipped_and_logged(tmp_path):
 def test_nonfinite_losses_in_a_row_abort(tmp_path):
     snapshots = Snapshots()
     config = tiny_config(tmp_path, max_iter=10, train={"max_nonfinite_steps": 2})
-    trainer = Trainer(config, train_dataset=BoxScenes(), device="cpu", progress_bar=False, tensorboard=False, callbacks=[snapshots])
+    trainer = Trainer(config, train_dataset=BoxScenes(), device="cpu", progress_bar=False, tensorboard=False,
+                      callbacks=[snapshots])
     trainer.model.register_forward_hook(NaNLogits())
     with pytest.raises(NonFiniteLossError, match="non-finite for 2 iterations in a row"):
         trainer.fit()
@@ -257,7 +259,8 @@ def test_padding_is_zero_after_normalisation_and_crowd_is_dropped(tmp_path):
     config = tiny_config(tmp_path, max_iter=1)
     criterion = RecordingCriterion(build_criterion(config, NUM_CLASSES))
     dataset = BoxScenes(num_images=2, sizes=((64, 64), (40, 50)), crowd=(1,))
-    trainer = Trainer(config, train_dataset=dataset, criterion=criterion, device="cpu", progress_bar=False, tensorboard=False)
+    trainer = Trainer(config, train_dataset=dataset, criterion=criterion, device="cpu", progress_bar=False,
+                      tensorboard=False)
     inputs = []
     trainer.model.register_forward_pre_hook(lambda module, args: inputs.append(args[0].clone()))
     trainer.fit()

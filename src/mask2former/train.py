@@ -109,7 +109,8 @@ def build_datasets(config: Config) -> tuple[Any, Any, Any]:
     if config.data.val_split and not (config.data.dataset == "fashion_scenes" and config.data.num_val_images == 0):
         val, val_labels = build_dataset(config, config.data.val_split, train=False)
         if val_labels != label_space:
-            raise ValueError(f"data: the {config.data.val_split} split has other classes than {config.data.train_split}")
+            raise ValueError(f"data: the {config.data.val_split} split has other classes than "
+                             f"{config.data.train_split}")
     return train, val, label_space
 
 

@@ -2,7 +2,7 @@
 
 Layout under ``output_dir``::
 
-    checkpoints/checkpoint_0000500.pt   full training state (model, optimiser, scheduler, scaler, step, data order, RNGs)
+    checkpoints/checkpoint_0000500.pt   full training state (model, optimiser, scheduler, scaler, step, data, RNGs)
     checkpoints/last_checkpoint         the file name of the newest complete checkpoint
     model_best/, model_final/           weights for ``Mask2Former.from_pretrained`` (config.yaml + model.safetensors)
 

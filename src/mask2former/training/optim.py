@@ -22,7 +22,9 @@ from torch import Tensor, nn
 
 from ..config import SolverConfig
 
-# Names (last component) of parameters that are embeddings even though they are plain nn.Parameters.
+# Names (last component) of parameters that are embeddings even though they are plain nn.Parameters. Deviation:
+# the reference decides by module type, so its pixel decoder's ``level_embed`` (an nn.Parameter there and here) is
+# decayed (0.05) while the decoder's (an nn.Embedding) is not; we exempt every embedding alike.
 NO_DECAY_PARAMETER_NAMES = ("level_embed", "relative_position_bias_table", "absolute_pos_embed", "query_feat",
                             "query_embed")
 
@@ -67,7 +69,8 @@ def build_param_groups(model: nn.Module, solver: SolverConfig) -> list[dict]:
     parameters = dict(model.named_parameters())
     groups: dict[tuple[float, float], dict] = {}
     for name, (lr, weight_decay) in parameter_settings(model, solver).items():
-        group = groups.setdefault((lr, weight_decay), {"params": [], "names": [], "lr": lr, "weight_decay": weight_decay})
+        group = groups.setdefault((lr, weight_decay),
+                                  {"params": [], "names": [], "lr": lr, "weight_decay": weight_decay})
         group["params"].append(parameters[name])
         group["names"].append(name)
     return list(groups.values())
@@ -173,8 +176,9 @@ def clip_grad_norm(parameters: Iterable[Tensor] | torch.optim.Optimizer, max_nor
 
 def lr_summary(optimizer: torch.optim.Optimizer) -> dict[str, float]:
     """Current lr of the head (``lr``) and, when it differs, of the backbone (``lr_backbone``), for logging."""
-    head = [g["lr"] for g in optimizer.param_groups if not all(n.startswith("backbone.") for n in g.get("names", ["?"]))]
-    backbone = [g["lr"] for g in optimizer.param_groups if any(n.startswith("backbone.") for n in g.get("names", []))]
+    groups = optimizer.param_groups
+    head = [g["lr"] for g in groups if not all(n.startswith("backbone.") for n in g.get("names", ["?"]))]
+    backbone = [g["lr"] for g in groups if any(n.startswith("backbone.") for n in g.get("names", []))]
     lr = float(head[0] if head else optimizer.param_groups[0]["lr"])
     summary = {"lr": lr}
     if backbone and not math.isclose(backbone[0], lr):

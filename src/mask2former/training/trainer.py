@@ -5,7 +5,14 @@ then one optimiser step; ``solver.batch_size`` is the global batch (see ``distri
 normalise (padded pixels set to 0 afterwards, as the reference pads the normalised batch), forward under autocast
 (``solver.precision``), drop crowd segments, criterion in fp32, backward (DDP gradient sync only on the last pass),
 then, unless the loss was non-finite anywhere: unscale (fp16), clip the full-model gradient norm, step. The lr
-schedule advances every iteration, skipped or not (like detectron2 under AMP).
+schedule advances every iteration, skipped or not (like detectron2 under AMP). With ``mask_piloting.enabled`` the
+MP-Former piloting queries are built from each batch's targets and passed to the model.
+
+Normalisation of the mask losses: across processes the criterion all-reduces the mask count (as the reference), so
+N processes equal one process with an N-times batch (the class loss stays a per-process weighted mean, as in the
+reference). Gradient accumulation instead sums micro-batches that are each
+normalised by their own mask count; it equals the larger batch exactly when the micro-batches hold equally many
+masks (the usual approximation of accumulation in detection trainers).
 
 Outputs in ``train.output_dir``: ``checkpoints/`` (see ``checkpoint.py``), ``metrics.jsonl`` (one JSON object per
 logged step), ``tensorboard/`` (scalars and an image of one training prediction), ``config.yaml``,

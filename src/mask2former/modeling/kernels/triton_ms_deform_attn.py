@@ -54,6 +54,22 @@ def _corner_offsets(x0, y0, row_mask, height, width, start, base, token_stride, 
 
 
 @triton.jit
+def _corner_weights(fx, fy, DX: tl.constexpr, DY: tl.constexpr):
+    """Bilinear weight of corner (x0 + DX, y0 + DY) split into its x and y factors."""
+    corner_x = fx if DX == 1 else 1.0 - fx
+    corner_y = fy if DY == 1 else 1.0 - fy
+    return corner_x, corner_y
+
+
+@triton.jit
+def _corner_slopes(corner_x, corner_y, DX: tl.constexpr, DY: tl.constexpr):
+    """d(corner weight)/d(px) and d/d(py): the weight is corner_x * corner_y, each factor linear with slope +-1."""
+    slope_x = corner_y if DX == 1 else -corner_y
+    slope_y = corner_x if DY == 1 else -corner_x
+    return slope_x, slope_y
+
+
+@triton.jit
 def _msda_forward_kernel(
     value_ptr, levels_ptr, loc_ptr, weight_ptr, out_ptr,
     num_rows, rows_per_batch, num_heads, value_batch_stride,
@@ -75,11 +91,9 @@ def _msda_forward_kernel(
             weight, fx, fy, x0, y0 = _bilinear_setup(loc_ptr, weight_ptr, rows, row_mask, height, width,
                                                      NUM_LEVELS * NUM_POINTS, level * NUM_POINTS + point, ACC)
             for corner in tl.static_range(4):
-                dx: tl.constexpr = corner % 2
-                dy: tl.constexpr = corner // 2
-                offsets, valid = _corner_offsets(x0, y0, row_mask, height, width, start, base, token_stride, dx, dy)
-                corner_x = fx if dx == 1 else 1.0 - fx
-                corner_y = fy if dy == 1 else 1.0 - fy
+                offsets, valid = _corner_offsets(x0, y0, row_mask, height, width, start, base, token_stride,
+                                                 corner % 2, corner // 2)
+                corner_x, corner_y = _corner_weights(fx, fy, corner % 2, corner // 2)
                 sample = tl.load(value_ptr + offsets[:, None] + dims[None, :],
                                  mask=valid[:, None] & dim_mask[None, :], other=0.0).to(ACC)
                 acc += (weight * corner_x * corner_y)[:, None] * sample
@@ -109,21 +123,17 @@ def _msda_backward_kernel(
         width = tl.load(levels_ptr + 3 * level + 1)
         start = tl.load(levels_ptr + 3 * level + 2)
         for point in tl.static_range(NUM_POINTS):
-            index: tl.constexpr = level * NUM_POINTS + point
+            index = level * NUM_POINTS + point
             weight, fx, fy, x0, y0 = _bilinear_setup(loc_ptr, weight_ptr, rows, row_mask, height, width,
-                                                     LP, index, ACC)
+                                                     LP, level * NUM_POINTS + point, ACC)
             grad_weight = tl.zeros([BLOCK_ROWS], dtype=ACC)
             grad_px = tl.zeros([BLOCK_ROWS], dtype=ACC)
             grad_py = tl.zeros([BLOCK_ROWS], dtype=ACC)
             for corner in tl.static_range(4):
-                dx: tl.constexpr = corner % 2
-                dy: tl.constexpr = corner // 2
-                offsets, valid = _corner_offsets(x0, y0, row_mask, height, width, start, base, token_stride, dx, dy)
-                corner_x = fx if dx == 1 else 1.0 - fx
-                corner_y = fy if dy == 1 else 1.0 - fy
-                # d(corner weight)/d(px) and /d(py): the corner's weight is linear in fx and in fy.
-                slope_x = corner_y if dx == 1 else -corner_y
-                slope_y = corner_x if dy == 1 else -corner_x
+                offsets, valid = _corner_offsets(x0, y0, row_mask, height, width, start, base, token_stride,
+                                                 corner % 2, corner // 2)
+                corner_x, corner_y = _corner_weights(fx, fy, corner % 2, corner // 2)
+                slope_x, slope_y = _corner_slopes(corner_x, corner_y, corner % 2, corner // 2)
                 tile_mask = valid[:, None] & dim_mask[None, :]
                 sample = tl.load(value_ptr + offsets[:, None] + dims[None, :], mask=tile_mask, other=0.0).to(ACC)
                 # <grad_out, value at the corner>: everything but the value gradient is a multiple of it.
