@@ -102,7 +102,11 @@ class Predictor:
         if precision not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
         self.device = torch.device(device)
-        model = model_or_path if isinstance(model_or_path, Mask2Former) else Mask2Former.from_pretrained(model_or_path)
+        # A path is loaded; anything else is used as the model (a Mask2Former, or interop.onnx.OnnxModel).
+        if isinstance(model_or_path, (str, Path)):
+            model = Mask2Former.from_pretrained(model_or_path)
+        else:
+            model = model_or_path
         self.model = model.to(self.device).eval()
         self.task = task
         self.min_size, self.max_size = min_size, max_size
