@@ -85,7 +85,7 @@ def evaluate_checkpoint(checkpoint: str, config, tasks: Sequence[str] = TASKS, d
     from ..train import build_dataset
 
     model = Mask2Former.from_pretrained(checkpoint)
-    dataset, label_space = build_dataset(config, split="val", train=False)
+    dataset, label_space = build_dataset(config, split=config.data.val_split, train=False)
     if model.labels is not None and LabelSpace.from_dict(model.labels) != label_space:
         raise ValueError(f"checkpoint {checkpoint} was trained on other classes than the data set {config.data.dataset}")
     if model.num_classes != label_space.num_classes:

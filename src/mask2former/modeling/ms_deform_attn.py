@@ -35,19 +35,20 @@ def ms_deform_attn_core_pytorch(
     batch, _, heads, head_dim = value.shape
     _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
     value_list = value.split([h * w for h, w in spatial_shapes], dim=1)
-    grids = 2 * sampling_locations - 1
-    sampled = []
+    # Point-major [B*heads, L, 1, P*Lq, 2] grids: grid_sample vectorises over the long last axis (a [Lq, P] grid
+    # leaves it only P wide), and the weighted sum over points then runs over contiguous [Lq] rows, level by level,
+    # without stacking all samples.
+    grids = sampling_locations.permute(0, 2, 3, 4, 1, 5).reshape(batch * heads, num_levels, 1, num_points * num_queries, 2)
+    grids = 2 * grids - 1
+    weights = attention_weights.permute(0, 2, 3, 4, 1).reshape(batch * heads, num_levels, 1, num_points, num_queries)
+    output = None
     for level, (height, width) in enumerate(spatial_shapes):
         # [B, h*w, heads, D] -> [B*heads, D, h, w]
         value_l = value_list[level].permute(0, 2, 3, 1).reshape(batch * heads, head_dim, height, width)
-        # [B, Lq, heads, P, 2] -> [B*heads, Lq, P, 2]
-        grid_l = grids[:, :, :, level].transpose(1, 2).flatten(0, 1)
-        sampled.append(F.grid_sample(value_l, grid_l, mode="bilinear", padding_mode="zeros", align_corners=False))
-    # [B*heads, D, Lq, L*P] weighted by [B*heads, 1, Lq, L*P]
-    samples = torch.stack(sampled, dim=-2).flatten(-2)
-    weights = attention_weights.transpose(1, 2).reshape(batch * heads, 1, num_queries, num_levels * num_points)
-    output = (samples * weights).sum(-1).view(batch, heads * head_dim, num_queries)
-    return output.transpose(1, 2)
+        sampled = F.grid_sample(value_l, grids[:, level], mode="bilinear", padding_mode="zeros", align_corners=False)
+        contribution = (sampled.view(batch * heads, head_dim, num_points, num_queries) * weights[:, level]).sum(2)
+        output = contribution if output is None else output + contribution
+    return output.view(batch, heads * head_dim, num_queries).transpose(1, 2)
 
 
 class MSDeformAttn(nn.Module):
