@@ -67,7 +67,7 @@ def test_equals_transformers_mask2former_loss_with_the_same_points(device):
         oversample_ratio=3.0,
         importance_sample_ratio=0.75,
     )
-    reference = hf.Mask2FormerLoss(config, weight_dict={})
+    reference = hf.Mask2FormerLoss(config, weight_dict={}).to(device)
     # Some transformers versions hard-code the matcher's class cost to 1.0 (transformers#38559); align it.
     reference.matcher.cost_class = 2.0
 
@@ -112,7 +112,7 @@ def test_full_resolution_variant_equals_transformers_maskformer_loss(device):
         matcher=hf.MaskFormerHungarianMatcher(cost_class=1.0, cost_mask=20.0, cost_dice=1.0),
         weight_dict={},
         eos_coef=0.1,
-    )
+    ).to(device)
     raw = reference(
         masks_queries_logits=outputs["pred_masks"],
         class_queries_logits=outputs["pred_logits"],

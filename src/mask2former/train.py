@@ -192,6 +192,38 @@ def run_train(config: Config, resume: bool = False) -> dict[str, Any]:
     trainer = Trainer(config, model, train_dataset, val_dataset, label_space, criterion=criterion,
                       evaluate_fn=evaluate_fn)
     try:
-        return trainer.fit(resume=resume)
+        result = trainer.fit(resume=resume)
+        if trainer.is_main:
+            _report(config, trainer, result, val_dataset, label_space)
+        return result
     finally:
         dist_utils.cleanup(trainer.context)
+
+
+def _report(config: Config, trainer: Any, result: dict[str, Any], val_dataset: Any, label_space: Any) -> None:
+    """Curves and overlays next to the checkpoints, and a summary of where everything is."""
+    from .training.distributed import unwrap
+    from .training.report import plot_curves, write_overlays
+
+    output_dir = Path(result["output_dir"])
+    curves = plot_curves(output_dir / "metrics.jsonl", output_dir / "curves.png")
+    overlays: list[Path] = []
+    if val_dataset is not None:
+        overlays = write_overlays(
+            unwrap(trainer.model), val_dataset, label_space, output_dir / "overlays", config.test.task,
+            precision=config.solver.precision, min_size=config.test.min_size or None,
+            max_size=config.test.max_size or None,
+        )
+    lines = [f"finished {result['step']} iterations; outputs in {output_dir}:"]
+    lines.append(f"  model (from_pretrained / --checkpoint): {result['final_model']}")
+    lines.append(f"  resumable checkpoint: {result['checkpoint']}")
+    lines.append(f"  metrics log: {output_dir / 'metrics.jsonl'}")
+    lines.append(f"  loss and metric curves: {curves}")
+    if overlays:
+        lines.append(f"  prediction overlays (ground truth | prediction): {overlays[0].parent}/ ({len(overlays)} images)")
+    summary = result.get("metrics") or {}
+    if summary:
+        shown = ", ".join(f"{key} {summary[key]:.1f}" for key in ("PQ", "PQ_th", "PQ_st", "AP", "mIoU") if key in summary)
+        lines.append(f"  validation ({len(val_dataset)} images): {shown}")
+    print("\n".join(lines), flush=True)
+
