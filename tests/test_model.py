@@ -99,3 +99,16 @@ def test_normalize_zeroes_padding():
     out = model.normalize(images, padding)
     assert torch.all(out[..., 2:] == 0)
     torch.testing.assert_close(out[0, 0, 0, 0], torch.tensor((200 - 123.675) / 58.395))
+
+
+@pytest.mark.parametrize("decoder", ["masked", "standard"])
+def test_inference_path_without_aux_outputs_gives_the_same_final_prediction(decoder):
+    overrides = {} if decoder == "masked" else dict(transformer_decoder="standard", dec_layers=4)
+    model = Mask2Former(tiny_swin_config(**overrides)).eval()
+    images = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        full = model(images)
+        fast = model(images, aux_outputs=False)
+    assert fast.aux_outputs == []
+    torch.testing.assert_close(fast.pred_logits, full.pred_logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(fast.pred_masks, full.pred_masks, atol=1e-4, rtol=1e-4)

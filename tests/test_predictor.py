@@ -4,7 +4,8 @@ import torch
 from PIL import Image
 
 from mask2former.data.label_space import LabelSpace
-from mask2former.inference.predictor import Predictor, pad_batch, resize_shortest_edge, to_uint8_chw
+from mask2former.data.collate import pad_images
+from mask2former.inference.predictor import Predictor, resize_shortest_edge, to_uint8_chw
 from mask2former.modeling.model import Mask2Former
 
 from conftest import tiny_swin_config
@@ -72,8 +73,8 @@ def test_resize_shortest_edge_respects_max_size():
     assert resize_shortest_edge(image, None, None).shape[-2:] == (100, 400)
 
 
-def test_pad_batch():
-    batch, padding, sizes = pad_batch([torch.ones(3, 10, 20, dtype=torch.uint8), torch.ones(3, 40, 5, dtype=torch.uint8)])
+def test_pad_images():
+    batch, padding, sizes = pad_images([torch.ones(3, 10, 20, dtype=torch.uint8), torch.ones(3, 40, 5, dtype=torch.uint8)])
     assert batch.shape == (2, 3, 64, 32) and sizes == [(10, 20), (40, 5)]
     assert padding[0, :10, :20].logical_not().all() and padding[0, 10:].all() and padding[0, :, 20:].all()
     assert batch[0][:, 10:].sum() == 0

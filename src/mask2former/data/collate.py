@@ -9,10 +9,26 @@ import torch
 IGNORE_INDEX = 255
 
 
-def _padded_extent(value: int, size_divisibility: int) -> int:
-    if size_divisibility <= 1:
-        return value
-    return -(-value // size_divisibility) * size_divisibility
+def padded_size(size: Sequence[int], size_divisibility: int) -> tuple[int, int]:
+    """(h, w) rounded up to multiples of ``size_divisibility``."""
+    height, width = int(size[0]), int(size[1])
+    if size_divisibility > 1:
+        height = -(-height // size_divisibility) * size_divisibility
+        width = -(-width // size_divisibility) * size_divisibility
+    return height, width
+
+
+def pad_images(images: Sequence[torch.Tensor], size_divisibility: int = 32) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]]]:
+    """Stack [3, h, w] images into [B, 3, H, W], zero-padded bottom/right to a multiple of ``size_divisibility``;
+    returns the batch, the padding mask (True = padded) and the sizes before padding."""
+    sizes = [(int(image.shape[-2]), int(image.shape[-1])) for image in images]
+    height, width = padded_size((max(h for h, _ in sizes), max(w for _, w in sizes)), size_divisibility)
+    batch = images[0].new_zeros((len(images), 3, height, width))
+    padding_mask = torch.ones(len(images), height, width, dtype=torch.bool)
+    for index, (image, (h, w)) in enumerate(zip(images, sizes)):
+        batch[index, :, :h, :w] = image
+        padding_mask[index, :h, :w] = False
+    return batch, padding_mask, sizes
 
 
 def collate(samples: Sequence[dict[str, Any]], size_divisibility: int = 32) -> dict[str, Any]:
@@ -36,16 +52,10 @@ def collate(samples: Sequence[dict[str, Any]], size_divisibility: int = 32) -> d
             raise ValueError(f"collate: sample {sample.get('image_id')!r} masks {tuple(masks.shape)} / semantic "
                              f"{tuple(semantic.shape)} do not match its image {height}x{width}")
         sizes.append((height, width))
-    padded_height = _padded_extent(max(size[0] for size in sizes), size_divisibility)
-    padded_width = _padded_extent(max(size[1] for size in sizes), size_divisibility)
-
-    batch_size = len(samples)
-    images = torch.zeros((batch_size, 3, padded_height, padded_width), dtype=torch.uint8)
-    padding_mask = torch.ones((batch_size, padded_height, padded_width), dtype=torch.bool)
+    images, padding_mask, _ = pad_images([sample["image"] for sample in samples], size_divisibility)
+    padded_height, padded_width = images.shape[-2:]
     targets = []
-    for index, (sample, (height, width)) in enumerate(zip(samples, sizes)):
-        images[index, :, :height, :width] = sample["image"]
-        padding_mask[index, :height, :width] = False
+    for sample, (height, width) in zip(samples, sizes):
         masks = torch.zeros((sample["masks"].shape[0], padded_height, padded_width), dtype=torch.bool)
         masks[:, :height, :width] = sample["masks"]
         semantic = torch.full((padded_height, padded_width), IGNORE_INDEX, dtype=torch.int64)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from ..data.collate import pad_images, padded_size
 from ..data.image_io import read_image
 from ..data.label_space import LabelSpace
 from ..modeling.model import Mask2Former
@@ -163,10 +164,10 @@ class Predictor:
     def _predict_batch(
         self, images: list[Tensor], original_sizes: list[tuple[int, int]], tasks: Sequence[str]
     ) -> list[dict[str, Any]]:
-        batch, padding_mask, image_sizes = pad_batch(images, self.model.config.size_divisibility)
+        batch, padding_mask, image_sizes = pad_images(images, self.model.config.size_divisibility)
         batch, padding_mask = batch.to(self.device), padding_mask.to(self.device)
         with self._autocast():
-            outputs = self.model(self.model.normalize(batch, padding_mask))
+            outputs = self.model(self.model.normalize(batch, padding_mask), aux_outputs=False)
         outputs.pred_logits = outputs.pred_logits.float()
         outputs.pred_masks = outputs.pred_masks.float()
         is_thing = self.is_thing.to(self.device)
@@ -178,27 +179,6 @@ class Predictor:
             for task in tasks
         }
         return [{task: _to_cpu(per_task[task][i]) for task in tasks} for i in range(len(images))]
-
-
-def padded_size(size: Sequence[int], size_divisibility: int) -> tuple[int, int]:
-    height, width = int(size[0]), int(size[1])
-    if size_divisibility > 1:
-        height = -(-height // size_divisibility) * size_divisibility
-        width = -(-width // size_divisibility) * size_divisibility
-    return height, width
-
-
-def pad_batch(images: list[Tensor], size_divisibility: int = 32) -> tuple[Tensor, Tensor, list[tuple[int, int]]]:
-    """Stack uint8 [3, h, w] images into [B, 3, H, W], zero-padded bottom/right to a multiple of
-    ``size_divisibility``; returns the batch, the padding mask (True = padded) and the sizes before padding."""
-    sizes = [(int(image.shape[-2]), int(image.shape[-1])) for image in images]
-    height, width = padded_size((max(h for h, _ in sizes), max(w for _, w in sizes)), size_divisibility)
-    batch = images[0].new_zeros((len(images), 3, height, width))
-    padding_mask = torch.ones(len(images), height, width, dtype=torch.bool)
-    for index, (image, (h, w)) in enumerate(zip(images, sizes)):
-        batch[index, :, :h, :w] = image
-        padding_mask[index, :h, :w] = False
-    return batch, padding_mask, sizes
 
 
 def _to_cpu(result: Any) -> Any:

@@ -24,7 +24,7 @@ class _InferenceGraph(nn.Module):
         self.model = model
 
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        outputs = self.model(images)
+        outputs = self.model(images, aux_outputs=False)
         return outputs.pred_logits, outputs.pred_masks
 
 
@@ -125,7 +125,8 @@ class OnnxModel:
             )
         return F.pad(images, (0, self.input_size[1] - width, 0, self.input_size[0] - height))
 
-    def __call__(self, images: Tensor) -> Mask2FormerOutput:
+    def __call__(self, images: Tensor, aux_outputs: bool = False) -> Mask2FormerOutput:
+        """Only the final prediction exists in the exported graph; ``aux_outputs`` is accepted for the Predictor."""
         height, width = images.shape[-2:]
         padded = self.pad_to_export_size(images.detach().cpu().float())
         logits, masks = self.session.run(None, {"images": padded.numpy()})

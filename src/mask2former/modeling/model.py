@@ -85,8 +85,10 @@ class Mask2Former(nn.Module):
             images = images.masked_fill(padding_mask.unsqueeze(1), 0.0)
         return images
 
-    def forward(self, images: Tensor, piloting=None) -> Mask2FormerOutput:
+    def forward(self, images: Tensor, piloting=None, aux_outputs: bool = True) -> Mask2FormerOutput:
         """images: normalised [B, 3, H, W] with H, W multiples of ``size_divisibility``.
+
+        ``aux_outputs=False`` (inference) skips the earlier layers' predictions, which only deep supervision needs.
 
         ``piloting``: an MP-Former ``MaskPiloting`` batch (``training/mask_piloting.py``); training only, ignored in
         eval mode, so inference is exactly Mask2Former's."""
@@ -94,7 +96,7 @@ class Mask2Former(nn.Module):
             piloting = None
         features = self.backbone(images)
         mask_features, multi_scale = self.pixel_decoder(features)
-        predictions = self.transformer_decoder(multi_scale, mask_features, piloting)
+        predictions = self.transformer_decoder(multi_scale, mask_features, piloting, intermediate=aux_outputs)
         if piloting is not None:
             predictions, piloted = piloting.split_predictions(predictions)
         else:

@@ -172,10 +172,14 @@ class MaskedTransformerDecoder(nn.Module):
         return memories, positions, sizes
 
     def forward(
-        self, multi_scale: list[Tensor], mask_features: Tensor, piloting=None,
+        self, multi_scale: list[Tensor], mask_features: Tensor, piloting=None, intermediate: bool = True,
     ) -> list[tuple[Tensor, Tensor]]:
         """multi_scale: [1/32, 1/16, 1/8] maps; returns [(class_logits, mask_logits)] for the initial queries
         and every layer (``num_layers + 1`` predictions, the last is the model's output).
+
+        ``intermediate=False`` (inference) returns only the last prediction. The earlier layers then make just the
+        attention masks, from ``mask_features`` resized to each level: bilinear resizing is linear per channel, so
+        it commutes with the mask einsum, and the full 1/4-resolution masks of 9 layers are never computed.
 
         ``piloting`` (training only) is an MP-Former ``MaskPiloting`` batch: extra queries with ground-truth
         attention masks, prepended to the matching queries (see ``training/mask_piloting.py``).
@@ -188,6 +192,10 @@ class MaskedTransformerDecoder(nn.Module):
         if piloting is not None:
             queries, query_pos, self_blocked = piloting.extend_queries(queries, query_pos)
 
+        if not intermediate:
+            if piloting is not None:
+                raise ValueError("mask piloting trains every layer: it needs intermediate predictions")
+            return [self._forward_final_only(queries, query_pos, memories, positions, sizes, mask_features)]
         predictions = []
         class_logits, mask_logits = self.heads(queries, mask_features)
         predictions.append((class_logits, mask_logits))
@@ -204,6 +212,27 @@ class MaskedTransformerDecoder(nn.Module):
             class_logits, mask_logits = predictions[-1]
             predictions[-1] = (class_logits + self.label_embed.weight.sum() * 0, mask_logits)
         return predictions
+
+    def _forward_final_only(
+        self, queries: Tensor, query_pos: Tensor | None, memories: list[Tensor], positions: list[Tensor],
+        sizes: list[tuple[int, int]], mask_features: Tensor,
+    ) -> tuple[Tensor, Tensor]:
+        level_features = [
+            F.interpolate(mask_features, size=size, mode="bilinear", align_corners=False) for size in sizes
+        ]
+        cross_blocked = self._level_attention_mask(queries, level_features[0])
+        for index, layer in enumerate(self.layers):
+            queries = layer(queries, query_pos, memories[index % self.num_levels], positions[index % self.num_levels],
+                            cross_blocked)
+            if index + 1 < len(self.layers):
+                cross_blocked = self._level_attention_mask(queries, level_features[(index + 1) % self.num_levels])
+        return self.heads(queries, mask_features)
+
+    def _level_attention_mask(self, queries: Tensor, level_features: Tensor) -> Tensor:
+        embeddings = self.heads.mask_embed(self.heads.decoder_norm(queries))
+        logits = torch.einsum("bqc,bchw->bqhw", embeddings, level_features)
+        blocked = logits.flatten(2).sigmoid() < 0.5
+        return unblock_empty_rows(blocked).unsqueeze(1)
 
     def _cross_mask(self, mask_logits: Tensor, size: tuple[int, int], piloting, layer: int) -> Tensor:
         blocked = attention_mask_from_masks(mask_logits, size)
@@ -270,7 +299,9 @@ class StandardTransformerDecoder(nn.Module):
                     nn.init.xavier_uniform_(parameter)
         self.heads = PredictionHeads(hidden_dim, num_classes, mask_dim)
 
-    def forward(self, multi_scale: list[Tensor], mask_features: Tensor, piloting=None) -> list[tuple[Tensor, Tensor]]:
+    def forward(
+        self, multi_scale: list[Tensor], mask_features: Tensor, piloting=None, intermediate: bool = True,
+    ) -> list[tuple[Tensor, Tensor]]:
         if piloting is not None:
             raise ValueError("mask piloting needs the masked-attention decoder (decoder: masked)")
         feature = multi_scale[0]
@@ -280,7 +311,8 @@ class StandardTransformerDecoder(nn.Module):
         query_pos = self.query_embed.weight.unsqueeze(0).expand(batch, -1, -1)
         queries = torch.zeros_like(query_pos)
         predictions = []
-        for layer in self.layers:
+        for index, layer in enumerate(self.layers):
             queries = layer(queries, query_pos, memory, memory_pos)
-            predictions.append(self.heads(queries, mask_features))
+            if intermediate or index == len(self.layers) - 1:
+                predictions.append(self.heads(queries, mask_features))
         return predictions

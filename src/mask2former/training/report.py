@@ -70,6 +70,8 @@ def write_overlays(model, val_dataset, label_space, out_dir: str | Path, task: s
     for index in range(min(count, len(val_dataset))):
         sample = val_dataset[index]
         result = predictor(sample["image"])
-        paths.append(Path(compare(sample, result, task, label_space, path=out_dir / f"val_{index:03d}_{task}.png")))
+        path = out_dir / f"val_{index:03d}_{task}.png"
+        compare(sample, result, task, label_space, path=path)
+        paths.append(path)
     model.train()
     return paths

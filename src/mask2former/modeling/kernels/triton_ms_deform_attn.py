@@ -29,11 +29,11 @@ _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64
 
 @triton.jit
 def _bilinear_setup(loc_ptr, weight_ptr, rows, row_mask, height, width,
-                    LP: tl.constexpr, INDEX: tl.constexpr, ACC: tl.constexpr):
-    """Location, weight and the corner geometry of sample ``INDEX`` (= level*P + point) of every row."""
-    x = tl.load(loc_ptr + rows * (2 * LP) + 2 * INDEX, mask=row_mask, other=0.0).to(ACC)
-    y = tl.load(loc_ptr + rows * (2 * LP) + 2 * INDEX + 1, mask=row_mask, other=0.0).to(ACC)
-    weight = tl.load(weight_ptr + rows * LP + INDEX, mask=row_mask, other=0.0).to(ACC)
+                    LP: tl.constexpr, index, ACC: tl.constexpr):
+    """Location, weight and the corner geometry of sample ``index`` (= level*P + point) of every row."""
+    x = tl.load(loc_ptr + rows * (2 * LP) + 2 * index, mask=row_mask, other=0.0).to(ACC)
+    y = tl.load(loc_ptr + rows * (2 * LP) + 2 * index + 1, mask=row_mask, other=0.0).to(ACC)
+    weight = tl.load(weight_ptr + rows * LP + index, mask=row_mask, other=0.0).to(ACC)
     # Pixel coordinates with align_corners=False. Points far outside are clamped to just outside the map, where
     # every corner is padding anyway; this keeps the integer conversion in range.
     px = tl.minimum(tl.maximum(x * width - 0.5, -2.0), width + 1.0)
@@ -69,7 +69,7 @@ def _corner_slopes(corner_x, corner_y, DX: tl.constexpr, DY: tl.constexpr):
     return slope_x, slope_y
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_rows", "rows_per_batch", "num_heads", "value_batch_stride"])
 def _msda_forward_kernel(
     value_ptr, levels_ptr, loc_ptr, weight_ptr, out_ptr,
     num_rows, rows_per_batch, num_heads, value_batch_stride,
@@ -83,25 +83,27 @@ def _msda_forward_kernel(
     base = (rows // rows_per_batch) * value_batch_stride + (rows % num_heads) * HEAD_DIM
     token_stride = num_heads * HEAD_DIM
     acc = tl.zeros([BLOCK_ROWS, BLOCK_D], dtype=ACC)
-    for level in tl.static_range(NUM_LEVELS):
+    # A run-time loop over the L*P samples (only the 4 corners are unrolled): fully unrolled, the backward
+    # kernel took ptxas minutes to compile for every new dtype/shape combination.
+    for index in range(NUM_LEVELS * NUM_POINTS):
+        level = index // NUM_POINTS
         height = tl.load(levels_ptr + 3 * level)
         width = tl.load(levels_ptr + 3 * level + 1)
         start = tl.load(levels_ptr + 3 * level + 2)
-        for point in tl.static_range(NUM_POINTS):
-            weight, fx, fy, x0, y0 = _bilinear_setup(loc_ptr, weight_ptr, rows, row_mask, height, width,
-                                                     NUM_LEVELS * NUM_POINTS, level * NUM_POINTS + point, ACC)
-            for corner in tl.static_range(4):
-                offsets, valid = _corner_offsets(x0, y0, row_mask, height, width, start, base, token_stride,
-                                                 corner % 2, corner // 2)
-                corner_x, corner_y = _corner_weights(fx, fy, corner % 2, corner // 2)
-                sample = tl.load(value_ptr + offsets[:, None] + dims[None, :],
-                                 mask=valid[:, None] & dim_mask[None, :], other=0.0).to(ACC)
-                acc += (weight * corner_x * corner_y)[:, None] * sample
+        weight, fx, fy, x0, y0 = _bilinear_setup(loc_ptr, weight_ptr, rows, row_mask, height, width,
+                                                 NUM_LEVELS * NUM_POINTS, index, ACC)
+        for corner in tl.static_range(4):
+            offsets, valid = _corner_offsets(x0, y0, row_mask, height, width, start, base, token_stride,
+                                             corner % 2, corner // 2)
+            corner_x, corner_y = _corner_weights(fx, fy, corner % 2, corner // 2)
+            sample = tl.load(value_ptr + offsets[:, None] + dims[None, :],
+                             mask=valid[:, None] & dim_mask[None, :], other=0.0).to(ACC)
+            acc += (weight * corner_x * corner_y)[:, None] * sample
     out_offsets = rows[:, None] * HEAD_DIM + dims[None, :]
     tl.store(out_ptr + out_offsets, acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & dim_mask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_rows", "rows_per_batch", "num_heads", "value_batch_stride"])
 def _msda_backward_kernel(
     value_ptr, levels_ptr, loc_ptr, weight_ptr, grad_out_ptr,
     grad_value_ptr, grad_loc_ptr, grad_weight_ptr,
@@ -118,41 +120,39 @@ def _msda_backward_kernel(
     grad_out = tl.load(grad_out_ptr + rows[:, None] * HEAD_DIM + dims[None, :],
                        mask=row_mask[:, None] & dim_mask[None, :], other=0.0).to(ACC)
     LP: tl.constexpr = NUM_LEVELS * NUM_POINTS
-    for level in tl.static_range(NUM_LEVELS):
+    for index in range(LP):
+        level = index // NUM_POINTS
         height = tl.load(levels_ptr + 3 * level)
         width = tl.load(levels_ptr + 3 * level + 1)
         start = tl.load(levels_ptr + 3 * level + 2)
-        for point in tl.static_range(NUM_POINTS):
-            index = level * NUM_POINTS + point
-            weight, fx, fy, x0, y0 = _bilinear_setup(loc_ptr, weight_ptr, rows, row_mask, height, width,
-                                                     LP, level * NUM_POINTS + point, ACC)
-            grad_weight = tl.zeros([BLOCK_ROWS], dtype=ACC)
-            grad_px = tl.zeros([BLOCK_ROWS], dtype=ACC)
-            grad_py = tl.zeros([BLOCK_ROWS], dtype=ACC)
-            for corner in tl.static_range(4):
-                offsets, valid = _corner_offsets(x0, y0, row_mask, height, width, start, base, token_stride,
-                                                 corner % 2, corner // 2)
-                corner_x, corner_y = _corner_weights(fx, fy, corner % 2, corner // 2)
-                slope_x, slope_y = _corner_slopes(corner_x, corner_y, corner % 2, corner // 2)
-                tile_mask = valid[:, None] & dim_mask[None, :]
-                sample = tl.load(value_ptr + offsets[:, None] + dims[None, :], mask=tile_mask, other=0.0).to(ACC)
-                # <grad_out, value at the corner>: everything but the value gradient is a multiple of it.
-                projection = tl.sum(grad_out * sample, axis=1)
-                grad_weight += corner_x * corner_y * projection
-                grad_px += slope_x * projection
-                grad_py += slope_y * projection
-                if VALUE_GRAD:
-                    contribution = (weight * corner_x * corner_y)[:, None] * grad_out
-                    tl.atomic_add(grad_value_ptr + offsets[:, None] + dims[None, :], contribution, mask=tile_mask,
-                                  sem="relaxed")
-            grad_loc_type = grad_loc_ptr.dtype.element_ty
-            # px = x * width - 0.5, so d/dx = width * d/dpx (likewise y).
-            tl.store(grad_loc_ptr + rows * (2 * LP) + 2 * index, (weight * width * grad_px).to(grad_loc_type),
-                     mask=row_mask)
-            tl.store(grad_loc_ptr + rows * (2 * LP) + 2 * index + 1, (weight * height * grad_py).to(grad_loc_type),
-                     mask=row_mask)
-            tl.store(grad_weight_ptr + rows * LP + index, grad_weight.to(grad_weight_ptr.dtype.element_ty),
-                     mask=row_mask)
+        weight, fx, fy, x0, y0 = _bilinear_setup(loc_ptr, weight_ptr, rows, row_mask, height, width, LP, index, ACC)
+        grad_weight = tl.zeros([BLOCK_ROWS], dtype=ACC)
+        grad_px = tl.zeros([BLOCK_ROWS], dtype=ACC)
+        grad_py = tl.zeros([BLOCK_ROWS], dtype=ACC)
+        for corner in tl.static_range(4):
+            offsets, valid = _corner_offsets(x0, y0, row_mask, height, width, start, base, token_stride,
+                                             corner % 2, corner // 2)
+            corner_x, corner_y = _corner_weights(fx, fy, corner % 2, corner // 2)
+            slope_x, slope_y = _corner_slopes(corner_x, corner_y, corner % 2, corner // 2)
+            tile_mask = valid[:, None] & dim_mask[None, :]
+            sample = tl.load(value_ptr + offsets[:, None] + dims[None, :], mask=tile_mask, other=0.0).to(ACC)
+            # <grad_out, value at the corner>: everything but the value gradient is a multiple of it.
+            projection = tl.sum(grad_out * sample, axis=1)
+            grad_weight += corner_x * corner_y * projection
+            grad_px += slope_x * projection
+            grad_py += slope_y * projection
+            if VALUE_GRAD:
+                contribution = (weight * corner_x * corner_y)[:, None] * grad_out
+                tl.atomic_add(grad_value_ptr + offsets[:, None] + dims[None, :], contribution, mask=tile_mask,
+                              sem="relaxed")
+        grad_loc_type = grad_loc_ptr.dtype.element_ty
+        # px = x * width - 0.5, so d/dx = width * d/dpx (likewise y).
+        tl.store(grad_loc_ptr + rows * (2 * LP) + 2 * index, (weight * width * grad_px).to(grad_loc_type),
+                 mask=row_mask)
+        tl.store(grad_loc_ptr + rows * (2 * LP) + 2 * index + 1, (weight * height * grad_py).to(grad_loc_type),
+                 mask=row_mask)
+        tl.store(grad_weight_ptr + rows * LP + index, grad_weight.to(grad_weight_ptr.dtype.element_ty),
+                 mask=row_mask)
 
 
 @functools.lru_cache(maxsize=64)
