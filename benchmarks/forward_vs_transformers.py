@@ -121,14 +121,20 @@ def main() -> None:
     def run_ours():
         return ours(images)
 
+    def run_ours_inference():
+        # What Predictor / ONNX run: only the final prediction (transformers has no such path).
+        return ours(images, aux_outputs=False)
+
     def run_theirs():
         return theirs(pixel_values=images, output_auxiliary_logits=True)
 
     # Accuracy: fp32 agreement, and how bf16 moves the mask-logit signs relative to our fp32 output.
     with torch.inference_mode():
         ours_fp32, theirs_fp32 = run_ours(), run_theirs()
+        ours_inference_fp32 = run_ours_inference()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             ours_bf16, theirs_bf16 = run_ours(), run_theirs()
+            ours_inference_bf16 = run_ours_inference()
     reference_masks = ours_fp32.pred_masks
     max_diff_masks = (reference_masks - theirs_fp32.masks_queries_logits).abs().max().item()
     max_diff_logits = (ours_fp32.pred_logits - theirs_fp32.class_queries_logits).abs().max().item()
@@ -148,6 +154,7 @@ def main() -> None:
     variants = {
         "ours_fp32": (run_ours, False), "transformers_fp32": (run_theirs, False),
         "ours_bf16": (run_ours, True), "transformers_bf16": (run_theirs, True),
+        "ours_inference_fp32": (run_ours_inference, False), "ours_inference_bf16": (run_ours_inference, True),
     }
     for _ in range(args.warmup):
         for fn, autocast in variants.values():
@@ -197,6 +204,10 @@ def main() -> None:
         "seconds_all": {name: [round(v, 4) for v in values] for name, values in times.items()},
         "ratio_ours_over_transformers_fp32": round(median["ours_fp32"] / median["transformers_fp32"], 3),
         "ratio_ours_bf16_over_transformers_fp32": round(median["ours_bf16"] / median["transformers_fp32"], 3),
+        "ratio_ours_inference_over_transformers_fp32":
+            round(median["ours_inference_fp32"] / median["transformers_fp32"], 3),
+        "ratio_ours_inference_bf16_over_transformers_fp32":
+            round(median["ours_inference_bf16"] / median["transformers_fp32"], 3),
         "ratio_transformers_bf16_over_transformers_fp32":
             round(median["transformers_bf16"] / median["transformers_fp32"], 3),
         # On a shared machine the minimum is the least disturbed run; its ratios are a cross-check of the medians.
@@ -207,6 +218,8 @@ def main() -> None:
         "max_abs_diff_fp32": {"pred_masks": max_diff_masks, "pred_logits": max_diff_logits, "aux": max_diff_aux},
         "mask_sign_agreement_with_ours_fp32": {
             "ours_bf16": round(sign_agreement(ours_bf16.pred_masks), 5),
+            "ours_inference_fp32": round(sign_agreement(ours_inference_fp32.pred_masks), 5),
+            "ours_inference_bf16": round(sign_agreement(ours_inference_bf16.pred_masks), 5),
             "transformers_bf16": round(sign_agreement(theirs_bf16.masks_queries_logits), 5),
             "transformers_fp32": round(sign_agreement(theirs_fp32.masks_queries_logits), 5),
         },

@@ -190,8 +190,8 @@ def test_without_triton_the_model_runs_on_the_pytorch_path(monkeypatch):
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_kernel_logic_in_triton_interpreter_on_cpu():
-    """fp64, tiny shapes, non-power-of-two head dim, points outside: forward and all gradients equal the
-    grid_sample path, through Triton's CPU interpreter and the backend switch."""
+    """fp64, tiny shapes, non-power-of-two head dim, points outside: forward (both loop variants) and all
+    gradients equal the grid_sample path, through Triton's CPU interpreter and the backend switch."""
     script = textwrap.dedent(
         """
         import torch
@@ -205,6 +205,11 @@ def test_kernel_logic_in_triton_interpreter_on_cpu():
         ref_grads = torch.autograd.grad(ref, inputs, torch.ones_like(ref) + ref.detach())
         for actual, expected in zip((out, *grads), (ref, *ref_grads)):
             torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-12)
+        # The forward's run-time sample loop (the unrolled one is the default).
+        from mask2former.modeling.kernels import triton_ms_deform_attn
+        triton_ms_deform_attn.UNROLL_SAMPLES["forward"] = False
+        rolled = ms_deform_attn_core(inputs[0], shapes, inputs[1], inputs[2])
+        torch.testing.assert_close(rolled, ref, rtol=1e-10, atol=1e-12)
         print("ok")
         """
     )

@@ -69,12 +69,32 @@ def _corner_slopes(corner_x, corner_y, DX: tl.constexpr, DY: tl.constexpr):
     return slope_x, slope_y
 
 
+@triton.jit
+def _forward_sample(value_ptr, levels_ptr, loc_ptr, weight_ptr, rows, row_mask, dims, dim_mask, base, token_stride,
+                    acc, index, NUM_LEVELS: tl.constexpr, NUM_POINTS: tl.constexpr, ACC: tl.constexpr):
+    """acc + the weighted bilinear sample ``index`` (= level*P + point) of every row."""
+    level = index // NUM_POINTS
+    height = tl.load(levels_ptr + 3 * level)
+    width = tl.load(levels_ptr + 3 * level + 1)
+    start = tl.load(levels_ptr + 3 * level + 2)
+    weight, fx, fy, x0, y0 = _bilinear_setup(loc_ptr, weight_ptr, rows, row_mask, height, width,
+                                             NUM_LEVELS * NUM_POINTS, index, ACC)
+    for corner in tl.static_range(4):
+        offsets, valid = _corner_offsets(x0, y0, row_mask, height, width, start, base, token_stride,
+                                         corner % 2, corner // 2)
+        corner_x, corner_y = _corner_weights(fx, fy, corner % 2, corner // 2)
+        sample = tl.load(value_ptr + offsets[:, None] + dims[None, :],
+                         mask=valid[:, None] & dim_mask[None, :], other=0.0).to(ACC)
+        acc += (weight * corner_x * corner_y)[:, None] * sample
+    return acc
+
+
 @triton.jit(do_not_specialize=["num_rows", "rows_per_batch", "num_heads", "value_batch_stride"])
 def _msda_forward_kernel(
     value_ptr, levels_ptr, loc_ptr, weight_ptr, out_ptr,
     num_rows, rows_per_batch, num_heads, value_batch_stride,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_LEVELS: tl.constexpr, NUM_POINTS: tl.constexpr,
-    BLOCK_ROWS: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr, ACC: tl.constexpr, UNROLL: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     row_mask = rows < num_rows
@@ -83,22 +103,16 @@ def _msda_forward_kernel(
     base = (rows // rows_per_batch) * value_batch_stride + (rows % num_heads) * HEAD_DIM
     token_stride = num_heads * HEAD_DIM
     acc = tl.zeros([BLOCK_ROWS, BLOCK_D], dtype=ACC)
-    # A run-time loop over the L*P samples (only the 4 corners are unrolled): fully unrolled, the backward
-    # kernel took ptxas minutes to compile for every new dtype/shape combination.
-    for index in range(NUM_LEVELS * NUM_POINTS):
-        level = index // NUM_POINTS
-        height = tl.load(levels_ptr + 3 * level)
-        width = tl.load(levels_ptr + 3 * level + 1)
-        start = tl.load(levels_ptr + 3 * level + 2)
-        weight, fx, fy, x0, y0 = _bilinear_setup(loc_ptr, weight_ptr, rows, row_mask, height, width,
-                                                 NUM_LEVELS * NUM_POINTS, index, ACC)
-        for corner in tl.static_range(4):
-            offsets, valid = _corner_offsets(x0, y0, row_mask, height, width, start, base, token_stride,
-                                             corner % 2, corner // 2)
-            corner_x, corner_y = _corner_weights(fx, fy, corner % 2, corner // 2)
-            sample = tl.load(value_ptr + offsets[:, None] + dims[None, :],
-                             mask=valid[:, None] & dim_mask[None, :], other=0.0).to(ACC)
-            acc += (weight * corner_x * corner_y)[:, None] * sample
+    # Unrolled over the L*P samples, every gather can be in flight at once (faster, see UNROLL_SAMPLES);
+    # the run-time loop compiles in a fraction of the time.
+    if UNROLL:
+        for index in tl.static_range(NUM_LEVELS * NUM_POINTS):
+            acc = _forward_sample(value_ptr, levels_ptr, loc_ptr, weight_ptr, rows, row_mask, dims, dim_mask, base,
+                                  token_stride, acc, index, NUM_LEVELS, NUM_POINTS, ACC)
+    else:
+        for index in range(NUM_LEVELS * NUM_POINTS):
+            acc = _forward_sample(value_ptr, levels_ptr, loc_ptr, weight_ptr, rows, row_mask, dims, dim_mask, base,
+                                  token_stride, acc, index, NUM_LEVELS, NUM_POINTS, ACC)
     out_offsets = rows[:, None] * HEAD_DIM + dims[None, :]
     tl.store(out_ptr + out_offsets, acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & dim_mask[None, :])
 
@@ -165,10 +179,13 @@ def _level_table(spatial_shapes: tuple[tuple[int, int], ...], device: torch.devi
     return torch.tensor(rows, dtype=torch.int32, device=device)
 
 
-# Launch shape: each program holds about TILE_ELEMENTS accumulator entries ([rows, D]) over NUM_WARPS warps.
-# Module-level so benchmarks/gpu.py can sweep them; the values are what that sweep chose on an H100.
-TILE_ELEMENTS = {"forward": 2048, "backward": 2048}
-NUM_WARPS = {"forward": 4, "backward": 4}
+# Launch shape: each program holds about TILE_ELEMENTS accumulator entries ([rows, D]) over NUM_WARPS warps, and
+# unrolls its loop over the L*P samples or not. Module-level so benchmarks/gpu.py can sweep them; the values are
+# what that sweep chose on an H100 (benchmarks/results/gpu.json). The unrolled backward ran about 1.5x faster than
+# the looped one but took ptxas tens of seconds to compile per dtype; the forward unrolled compiles quickly.
+TILE_ELEMENTS = {"forward": 2048, "backward": 4096}
+NUM_WARPS = {"forward": 8, "backward": 4}
+UNROLL_SAMPLES = {"forward": True}
 
 
 def _block_rows(block_d: int, which: str) -> int:
@@ -230,7 +247,8 @@ class _MSDeformAttnFunction(torch.autograd.Function):
                 value, level_table, sampling_locations, attention_weights, output,
                 num_rows, queries * heads, heads, tokens * heads * head_dim,
                 HEAD_DIM=head_dim, BLOCK_D=block_d, NUM_LEVELS=levels, NUM_POINTS=points, BLOCK_ROWS=block_rows,
-                ACC=_accumulator(value, sampling_locations, attention_weights), num_warps=NUM_WARPS["forward"],
+                ACC=_accumulator(value, sampling_locations, attention_weights), UNROLL=UNROLL_SAMPLES["forward"],
+                num_warps=NUM_WARPS["forward"],
             )
         ctx.save_for_backward(value, level_table, sampling_locations, attention_weights)
         return output.view(batch, queries, heads * head_dim)
