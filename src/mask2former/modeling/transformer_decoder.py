@@ -80,8 +80,15 @@ class PredictionHeads(nn.Module):
     def forward(self, queries: Tensor, mask_features: Tensor) -> tuple[Tensor, Tensor]:
         decoded = self.decoder_norm(queries)
         class_logits = self.class_embed(decoded)
-        mask_logits = torch.einsum("bqc,bchw->bqhw", self.mask_embed(decoded), mask_features)
-        return class_logits, mask_logits
+        return class_logits, mask_logits_from_embeddings(self.mask_embed(decoded), mask_features)
+
+
+def mask_logits_from_embeddings(embeddings: Tensor, mask_features: Tensor) -> Tensor:
+    """[B, Q, C] . [B, C, h, w] -> [B, Q, h, w], at least in fp32: summed in bf16 over C channels, the logits' sign
+    flips near zero, and the sign is the mask (a small einsum next to the rest of the model)."""
+    dtype = torch.promote_types(torch.promote_types(embeddings.dtype, mask_features.dtype), torch.float32)
+    with torch.autocast(mask_features.device.type, enabled=False):
+        return torch.einsum("bqc,bchw->bqhw", embeddings.to(dtype), mask_features.to(dtype))
 
 
 def attention_mask_from_masks(mask_logits: Tensor, size: tuple[int, int]) -> Tensor:
@@ -229,8 +236,7 @@ class MaskedTransformerDecoder(nn.Module):
         return self.heads(queries, mask_features)
 
     def _level_attention_mask(self, queries: Tensor, level_features: Tensor) -> Tensor:
-        embeddings = self.heads.mask_embed(self.heads.decoder_norm(queries))
-        logits = torch.einsum("bqc,bchw->bqhw", embeddings, level_features)
+        logits = mask_logits_from_embeddings(self.heads.mask_embed(self.heads.decoder_norm(queries)), level_features)
         blocked = logits.flatten(2).sigmoid() < 0.5
         return unblock_empty_rows(blocked).unsqueeze(1)
 
