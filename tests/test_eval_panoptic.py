@@ -31,7 +31,6 @@ def _distinct_ids(rng, count, large):
 def random_case(rng, size=64):
     """One image: (gt_map, gt_segments, pred_map, pred_segments) with void, crowd, shifted/dropped/relabelled predictions."""
     height = width = size
-    labels = np.full((height, width), -1)
     regions = []  # (mask, category, iscrowd)
     bounds = np.sort(rng.choice(np.arange(8, height - 8), size=2, replace=False))
     for top, bottom, category in zip([0, *bounds], [*bounds, height], rng.choice([3, 4, 5], size=3)):

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from mask2former.modeling import kernels
-from mask2former.modeling.ms_deform_attn import MSDeformAttn, ms_deform_attn_core, ms_deform_attn_core_pytorch
+from mask2former.modeling.ms_deform_attn import MSDeformAttn, ms_deform_attn_core_pytorch
 
 try:
     import triton  # noqa: F401

@@ -7,7 +7,6 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
