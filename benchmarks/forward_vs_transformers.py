@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import platform
 import statistics
@@ -46,29 +45,11 @@ def build_transformers_model(num_classes: int, seed: int = 0):
         backbone_config=swin, num_queries=100, decoder_layers=10,
         id2label={i: f"class_{i}" for i in range(num_classes)},
     )
+    from mask2former.interop.random_weights import informative_transformers_mask2former
+
     torch.manual_seed(seed)
     model = transformers.Mask2FormerForUniversalSegmentation(config).eval()
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.dim() >= 2:
-                param.copy_(torch.randn(param.shape, generator=generator) / math.sqrt(param[0].numel()))
-            elif "norm" in name and name.endswith("weight"):
-                param.copy_(1 + 0.2 * torch.randn(param.shape, generator=generator))
-            else:
-                param.copy_(0.2 * torch.randn(param.shape, generator=generator))
-            if any(key in name for key in ("relative_position_bias_table", "level_embed", "queries_")):
-                param.copy_(torch.randn(param.shape, generator=generator))
-            if "mask_embedder.2" in name:
-                param.mul_(10.0)
-        # Centre the mask features so that masks cover about half the image (masked attention really masks).
-        projection = model.model.pixel_level_module.decoder.mask_projection
-        stats = {}
-        hook = projection.register_forward_hook(lambda module, args, out: stats.update(mean=out.mean((0, 2, 3))))
-        model(pixel_values=torch.randn(1, 3, 256, 256, generator=generator))
-        hook.remove()
-        projection.bias.sub_(stats["mean"])
-    return model
+    return informative_transformers_mask2former(model, seed)
 
 
 def count_flops(fn) -> int:

@@ -2,13 +2,14 @@
 pickle file, must load back through ``Mask2Former.from_pretrained`` and give the same outputs."""
 
 import dataclasses
-import math
 import os
 import pickle
 import re
 
 import numpy as np
 import pytest
+
+from mask2former.interop.random_weights import randomise_unit_scale
 import torch
 import yaml
 
@@ -420,25 +421,9 @@ def hf_to_official(hf_state: dict, renames: list, fused_renames: list, skip: str
 
 
 def randomise(model, seed):
-    """Unit-scale random weights: transformers' initialisation gives near-constant outputs, which would hide a
-    swapped norm or projection."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.dim() >= 2:
-                param.copy_(torch.randn(param.shape, generator=generator) / math.sqrt(param[0].numel()))
-            elif "norm" in name and name.endswith("weight"):
-                param.copy_(1 + 0.3 * torch.randn(param.shape, generator=generator))
-            else:
-                param.copy_(0.3 * torch.randn(param.shape, generator=generator))
-            if any(key in name for key in ("relative_position_bias_table", "level_embed", "queries_")):
-                param.copy_(torch.randn(param.shape, generator=generator))
-        for name, buffer in model.named_buffers():
-            if name.endswith("running_mean"):
-                buffer.copy_(0.3 * torch.randn(buffer.shape, generator=generator))
-            elif name.endswith("running_var"):
-                buffer.copy_(0.5 + torch.rand(buffer.shape, generator=generator))
-    return model
+    """Unit-scale random weights and BN statistics: transformers' initialisation gives near-constant outputs, which
+    would hide a swapped norm or projection."""
+    return randomise_unit_scale(model, seed, spread=0.3, buffers=True)
 
 
 def informative_hf_mask2former():

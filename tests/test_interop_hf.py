@@ -3,12 +3,13 @@
 
 import dataclasses
 import json
-import math
 import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+
+from mask2former.interop.random_weights import informative_transformers_mask2former
 
 from mask2former.data.label_space import LabelSpace
 from mask2former.interop.checkpoint import CheckpointError
@@ -32,30 +33,7 @@ def _tiny_hf_model():
         encoder_feedforward_dim=128, id2label=dict(enumerate(NAMES)),
     )
     model = transformers.Mask2FormerForUniversalSegmentation(config).eval()
-    # transformers' init (std 0.02, zero bias tables, zero deformable offsets) gives near-constant outputs; use
-    # unit-scale weights so that every path (relative bias, offsets, masks) changes the numbers.
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if param.dim() >= 2:
-                param.copy_(torch.randn(param.shape, generator=generator) / math.sqrt(param[0].numel()))
-            elif "norm" in name and name.endswith("weight"):
-                param.copy_(1 + 0.2 * torch.randn(param.shape, generator=generator))
-            else:
-                param.copy_(0.2 * torch.randn(param.shape, generator=generator))
-            if any(key in name for key in ("relative_position_bias_table", "level_embed", "queries_")):
-                param.copy_(torch.randn(param.shape, generator=generator))
-            if "mask_embedder.2" in name:
-                param.mul_(10.0)  # mask logits of a few units
-        # Centre the mask features so that predicted masks cover about half the image: the masked attention then
-        # really blocks (rather than every query seeing an all-blocked row, which falls back to full attention).
-        projection = model.model.pixel_level_module.decoder.mask_projection
-        stats = {}
-        hook = projection.register_forward_hook(lambda module, args, out: stats.update(mean=out.mean((0, 2, 3))))
-        model(pixel_values=torch.randn(2, 3, 256, 256, generator=generator))
-        hook.remove()
-        projection.bias.sub_(stats["mean"])
-    return model
+    return informative_transformers_mask2former(model, seed=1)
 
 
 @pytest.fixture(scope="module")
