@@ -17,7 +17,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 __all__ = ["read_image", "read_label_png"]
 
 
-def _one_line(error: BaseException) -> str:
+def one_line(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
 
@@ -32,14 +32,15 @@ def _open_decoded(path: str | Path, what: str) -> Image.Image:
     except UnidentifiedImageError:
         raise ValueError(f"cannot read {what} file {path}: not a recognised image format") from None
     except (OSError, SyntaxError, ValueError) as error:
-        message = _one_line(error)
+        message = one_line(error)
         if "truncated" in message.lower() or isinstance(error, (SyntaxError,)):
             raise ValueError(f"truncated or corrupt {what} file {path}: {message}") from None
         raise ValueError(f"cannot read {what} file {path}: {message}") from None
     return image
 
 
-def _to_rgb_array(image: Image.Image) -> np.ndarray:
+def to_rgb_array(image: Image.Image) -> np.ndarray:
+    """Any PIL mode -> uint8 [H, W, 3] RGB (the one conversion the readers and the web demo share)."""
     mode = image.mode
     if mode == "RGB":
         return np.array(image, dtype=np.uint8)
@@ -60,9 +61,9 @@ def read_image(path: str | Path) -> torch.Tensor:
     image = _open_decoded(path, "image")
     try:
         image = ImageOps.exif_transpose(image)
-        array = _to_rgb_array(image)
+        array = to_rgb_array(image)
     except (OSError, ValueError) as error:
-        raise ValueError(f"cannot read image file {path}: {_one_line(error)}") from None
+        raise ValueError(f"cannot read image file {path}: {one_line(error)}") from None
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 

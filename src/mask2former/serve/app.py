@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ..data.image_io import _to_rgb_array  # the project's one mode -> RGB conversion (16-bit, palette, alpha)
+from ..data.image_io import one_line, to_rgb_array
 from ..data.label_space import LabelSpace
 from ..inference.predictor import Predictor
 from ..modeling.model import Mask2Former
@@ -72,10 +72,6 @@ class ApiError(Exception):
         self.message = " ".join(message.split())
 
 
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
-
-
 def _label_space(predictor: Predictor) -> LabelSpace:
     if predictor.label_space is not None:
         return predictor.label_space
@@ -93,11 +89,11 @@ def decode_image(data: bytes, max_pixels: int) -> torch.Tensor:
     try:
         image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as error:
-        raise ApiError(413, f"image too large: {_one_line(error)}") from None
+        raise ApiError(413, f"image too large: {one_line(error)}") from None
     except UnidentifiedImageError:
         raise ApiError(400, "cannot decode image: not a recognised image format") from None
     except (OSError, SyntaxError, ValueError) as error:
-        raise ApiError(400, f"cannot decode image: {_one_line(error)}") from None
+        raise ApiError(400, f"cannot decode image: {one_line(error)}") from None
     width, height = image.size
     if width * height > max_pixels:
         raise ApiError(413, f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels} pixels")
@@ -105,11 +101,11 @@ def decode_image(data: bytes, max_pixels: int) -> torch.Tensor:
         raise ApiError(400, f"image has no pixels ({width}x{height})")
     try:
         image.load()
-        array = _to_rgb_array(ImageOps.exif_transpose(image))
+        array = to_rgb_array(ImageOps.exif_transpose(image))
     except Image.DecompressionBombError as error:
-        raise ApiError(413, f"image too large: {_one_line(error)}") from None
+        raise ApiError(413, f"image too large: {one_line(error)}") from None
     except (OSError, SyntaxError, ValueError, EOFError) as error:
-        raise ApiError(400, f"truncated or corrupt image: {_one_line(error)}") from None
+        raise ApiError(400, f"truncated or corrupt image: {one_line(error)}") from None
     return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).contiguous()
 
 
@@ -261,7 +257,7 @@ class _Handler(BaseHTTPRequestHandler):
             logger.info("%s %s: client went away", self.command, self.path)
         except Exception as error:  # a bug must not kill the server thread silently
             logger.exception("request %s %s failed", self.command, self.path)
-            self._send_error(ApiError(500, f"internal error: {type(error).__name__}: {_one_line(error)}"))
+            self._send_error(ApiError(500, f"internal error: {type(error).__name__}: {one_line(error)}"))
 
     def _check_host(self) -> None:
         # A page elsewhere may point a name at 127.0.0.1 (DNS rebinding); a loopback-bound demo only answers its names.
