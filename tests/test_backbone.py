@@ -118,6 +118,32 @@ def test_efficientnet_frozen_bn_has_no_trainable_norm():
     assert any(isinstance(m, FrozenBatchNormAct2d) for m in backbone.modules())
 
 
+@pytest.mark.parametrize("name, freeze_at, frozen_prefixes, trained_prefix", [
+    ("resnet50", 1, ["conv1."], "layer1."),
+    ("resnet50", 2, ["conv1.", "layer1."], "layer2."),
+    ("tf_efficientnet_lite0", 1, ["conv_stem.", "blocks.0."], "blocks.1."),
+    ("tf_efficientnet_lite0", 3, ["conv_stem.", "blocks.0.", "blocks.1.", "blocks.2."], "blocks.3."),
+    ("swin_tiny", 2, ["patch_embed.", "layers.0."], "layers.1."),
+])
+def test_freeze_at(name, freeze_at, frozen_prefixes, trained_prefix):
+    kwargs = dict(TINY_SWIN) if name == "swin_tiny" else {}
+    backbone = Backbone(BackboneConfig(name=name, freeze_at=freeze_at, freeze_bn=name != "tf_efficientnet_lite0",
+                                       kwargs=kwargs))
+    sum(f.float().mean() for f in backbone(torch.randn(1, 3, 64, 64))).backward()
+    params = dict(backbone.body.named_parameters())
+    frozen = {n for n, p in params.items() if not p.requires_grad}
+    # detectron2's FREEZE_AT semantics: exactly the stem (+ res2..res_k) stops, and it gets no gradient.
+    assert frozen == {n for n in params if any(n.startswith(prefix) for prefix in frozen_prefixes)}
+    assert frozen and all(params[n].grad is None for n in frozen)
+    trained = [p for n, p in params.items() if n.startswith(trained_prefix)]
+    assert trained and all(p.grad is not None for p in trained)
+    # Batch norms inside the frozen part keep their statistics even where the rest trains its BN.
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and n.startswith(tuple(frozen_prefixes))
+                   for n, m in backbone.body.named_modules())
+    with pytest.raises(ValueError, match="freeze_at"):
+        Backbone(BackboneConfig(name=name, freeze_at=6, kwargs=kwargs))
+
+
 TINY_SWIN = dict(embed_dim=12, depths=(2, 2, 2, 2), num_heads=(2, 2, 4, 4), window_size=7)
 
 

@@ -25,6 +25,9 @@ class BackboneConfig:
     pretrained: bool = False
     # FrozenBN, as the reference's R50 COCO/ADE20K configs use (its Cityscapes configs use SyncBN).
     freeze_bn: bool = True
+    # detectron2's FREEZE_AT: 0 trains everything (the Mask2Former reference), 1 freezes the stem, k >= 2 the stem and
+    # res2..res_k. Frozen stages need no backward, which is most of a CNN's training cost on CPU.
+    freeze_at: int = 0
     drop_path_rate: float = 0.3
     # Extra constructor arguments, e.g. a tiny Swin: {"embed_dim": 32, "depths": [1, 1, 1, 1], ...}.
     kwargs: dict[str, Any] = field(default_factory=dict)

@@ -33,6 +33,7 @@ class Backbone(nn.Module):
             kwargs.update(config.kwargs)
             self.body = SwinTransformer(**kwargs)
             self.out_channels = list(self.body.out_channels)
+            level_modules = [f"layers.{index}" for index in range(4)]
         else:
             # Read the feature strides from a meta-device build, then build only the four levels we use.
             with torch.device("meta"):
@@ -42,12 +43,41 @@ class Backbone(nn.Module):
                 raise ValueError(f"timm model {name!r} does not provide features at strides 4/8/16/32: {reductions}")
             self.body = timm.create_model(name, pretrained=False, features_only=True, out_indices=indices, **config.kwargs)
             self.out_channels = list(self.body.feature_info.channels())
+            level_modules = list(self.body.feature_info.module_name())
             if config.pretrained:
                 from ..interop.efficientnet_lite import load_imagenet_weights
 
                 load_imagenet_weights(self.body, name)
             if config.freeze_bn:
                 self.body = freeze_batch_norm_2d(self.body)
+        freeze_stages(self.body, level_modules, config.freeze_at)
 
     def forward(self, images: Tensor) -> list[Tensor]:
         return list(self.body(images))
+
+
+def freeze_stages(body: nn.Module, level_modules: list[str], freeze_at: int) -> None:
+    """Stop gradients to the stem (``freeze_at >= 1``) and to res2..res_k (``freeze_at = k``).
+
+    ``level_modules`` names the modules that output res2..res5. Parameters are registered in forward order in timm's
+    CNNs and our Swin, so the frozen part is a prefix: everything before res2's module (the stem), then each level's
+    module in turn. Batch norms in the frozen part use their running statistics, as detectron2's FrozenBN does.
+    """
+    if not 0 <= freeze_at <= len(level_modules) + 1:
+        raise ValueError(f"backbone.freeze_at must be in 0..{len(level_modules) + 1}, got {freeze_at}")
+    if freeze_at == 0:
+        return
+    names = [name for name, _ in body.named_parameters()]
+    if freeze_at == 1:
+        cut = next(index for index, name in enumerate(names) if name.startswith(level_modules[0] + "."))
+    else:
+        prefix = level_modules[freeze_at - 2] + "."
+        cut = max(index for index, name in enumerate(names) if name.startswith(prefix)) + 1
+    frozen = set(names[:cut])
+    for name, param in body.named_parameters():
+        if name in frozen:
+            param.requires_grad_(False)
+    for name, module in list(body.named_modules()):
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and any(n.startswith(name + ".") for n in frozen):
+            parent_name, _, child = name.rpartition(".")
+            setattr(body.get_submodule(parent_name) if parent_name else body, child, freeze_batch_norm_2d(module))
