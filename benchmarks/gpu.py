@@ -97,11 +97,12 @@ def kernel_benchmark(args) -> dict:
             grad = torch.randn(batch, value.shape[1], 256, device="cuda", dtype=dtype)
             row = {"batch": batch, "dtype": str(dtype).replace("torch.", "")}
             for name, fn in implementations.items():
-                def forward():
+                # Defaults bind this iteration's tensors (closures in a loop would see the last ones).
+                def forward(fn=fn, value=value, locations=locations, weights=weights):
                     with torch.no_grad():
                         return fn(value, LEVELS, locations, weights)
 
-                def forward_backward():
+                def forward_backward(fn=fn, leaves=leaves, grad=grad):
                     out = fn(leaves[0], LEVELS, leaves[1], leaves[2])
                     torch.autograd.grad(out, leaves, grad)
 
@@ -251,9 +252,9 @@ def end_to_end(args) -> dict:
                 autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if precision == "bf16"
                             else contextlib.nullcontext())
                 variants = {
-                    "ours": (lambda: ours(images), "auto"),
-                    "ours_grid_sample": (lambda: ours(images), "pytorch"),
-                    "transformers": (lambda: theirs(pixel_values=images), "auto"),
+                    "ours": (lambda ours=ours, images=images: ours(images), "auto"),
+                    "ours_grid_sample": (lambda ours=ours, images=images: ours(images), "pytorch"),
+                    "transformers": (lambda theirs=theirs, images=images: theirs(pixel_values=images), "auto"),
                 }
                 row = {"batch": batch, "precision": precision}
                 for name, (fn, backend) in variants.items():
