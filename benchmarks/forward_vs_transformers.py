@@ -76,6 +76,8 @@ def time_call(fn, autocast: bool) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-malloc-tuning", action="store_true",
+                        help="leave glibc malloc at its defaults (the CLI tunes it; see mask2former.allocator)")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--size", type=int, default=512)
@@ -89,6 +91,9 @@ def main() -> None:
     from mask2former.modeling.model import Mask2Former
 
     torch.set_num_threads(args.threads)
+    from mask2former.allocator import tune_malloc
+
+    malloc_tuned = False if args.no_malloc_tuning else tune_malloc()  # process-wide: applies to both libraries
     load_before = os.getloadavg()
     theirs = build_transformers_model(args.num_classes)
     with tempfile.TemporaryDirectory() as directory:
@@ -179,6 +184,7 @@ def main() -> None:
                  f"{args.num_classes} classes, 9 decoder layers; random unit-scale weights",
         "input": [1, 3, args.size, args.size],
         "threads": args.threads,
+        "malloc_tuning": malloc_tuned,
         "repeats": args.repeats,
         "warmup": args.warmup,
         "seconds_median": {name: round(value, 4) for name, value in median.items()},

@@ -71,6 +71,8 @@ def make_batch(batch: int, size: int, num_classes: int, seed: int = 1) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-malloc-tuning", action="store_true",
+                        help="leave glibc malloc at its defaults (the CLI tunes it; see mask2former.allocator)")
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
@@ -90,6 +92,9 @@ def main() -> None:
     from mask2former.training.trainer import Trainer
 
     torch.set_num_threads(args.threads)
+    from mask2former.allocator import tune_malloc
+
+    malloc_tuned = False if args.no_malloc_tuning else tune_malloc()  # process-wide: applies to both libraries
     device = torch.device(args.device)
     load_before = os.getloadavg()
     theirs = build_transformers_model(args.num_classes)
@@ -197,6 +202,7 @@ def main() -> None:
         "loss": "12544 points, oversample 3, importance 0.75; CE 2 / mask 5 / dice 5; no-object 0.1 (both defaults)",
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
         "threads": args.threads,
+        "malloc_tuning": malloc_tuned,
         "repeats": args.repeats,
         "warmup": args.warmup,
         "seconds_median": {name: round(value, 4) for name, value in median.items()},

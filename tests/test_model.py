@@ -3,7 +3,9 @@ import torch
 
 from mask2former.config import BackboneConfig
 from mask2former.modeling.model import Mask2Former
-from mask2former.modeling.transformer_decoder import attention_mask_from_masks
+import torch.nn.functional as F
+
+from mask2former.modeling.transformer_decoder import MaskedTransformerDecoder, mask_logits_from_embeddings
 
 from conftest import tiny_swin_config
 
@@ -72,23 +74,40 @@ def test_timm_backbones_build_and_run(device):
         assert torch.isfinite(out.pred_masks).all()
 
 
-def test_attention_mask_blocks_low_probability_and_fixes_empty_rows():
-    logits = torch.full((1, 3, 8, 8), -5.0)
-    logits[0, 0, :4, :4] = 5.0  # query 0: top-left quarter
-    logits[0, 1] = 5.0  # query 1: everything
-    # query 2: empty mask -> would block every key; it must attend everywhere instead
-    blocked = attention_mask_from_masks(logits, (4, 4))
-    assert blocked.shape == (1, 1, 3, 16)
-    expected0 = torch.ones(4, 4, dtype=torch.bool)
-    expected0[:2, :2] = False
-    assert torch.equal(blocked[0, 0, 0], expected0.flatten())
-    assert not blocked[0, 0, 1].any()
-    assert not blocked[0, 0, 2].any()
+def reference_attention_mask(mask_logits, size):
+    """The reference's mask: resize the 1/4-resolution logits, block probability < 0.5, unblock all-blocked rows."""
+    resized = F.interpolate(mask_logits, size=size, mode="bilinear", align_corners=False)
+    blocked = resized.flatten(2).sigmoid() < 0.5
+    return (blocked & ~blocked.all(-1, keepdim=True)).unsqueeze(1)
 
 
-def test_attention_mask_is_detached():
-    logits = torch.randn(1, 2, 8, 8, requires_grad=True)
-    assert not attention_mask_from_masks(logits, (4, 4)).requires_grad
+def test_attention_mask_from_resized_features_equals_resized_logits():
+    """Resizing mask_features to the level (ours) blocks the same keys as resizing the full mask logits (the
+    reference); a query whose mask is empty at the level attends everywhere."""
+    torch.manual_seed(0)
+    decoder = MaskedTransformerDecoder(in_channels=16, num_classes=3, hidden_dim=16, num_queries=5, num_heads=2,
+                                       dim_feedforward=32, num_layers=2, mask_dim=16)
+    queries = torch.randn(2, 5, 16)
+    mask_features = torch.randn(2, 16, 32, 32)
+    embeddings = decoder.heads.mask_embed(decoder.heads.decoder_norm(queries)).detach()
+    for size in [(4, 4), (8, 8), (16, 16)]:
+        level_features = F.interpolate(mask_features, size=size, mode="bilinear", align_corners=False)
+        ours = decoder._cross_mask(queries, level_features, None, layer=0)
+        expected = reference_attention_mask(mask_logits_from_embeddings(embeddings, mask_features), size)
+        assert ours.shape == (2, 1, 5, size[0] * size[1]) and not ours.requires_grad
+        assert torch.equal(ours, expected)
+    # Only channel k set, left half +1 and right half -1: a query with embedding[k] > 0 attends to the left half,
+    # one with embedding[k] < 0 to the right half.
+    positive = embeddings > 0
+    channel = int(torch.nonzero(positive.flatten(0, 1).any(0) & (~positive).flatten(0, 1).any(0))[0])
+    positive = positive[..., channel]
+    level_features = torch.zeros(2, 16, 4, 4)
+    level_features[:, channel, :, :2], level_features[:, channel, :, 2:] = 1.0, -1.0
+    blocked = decoder._cross_mask(queries, level_features, None, layer=0)[:, 0].view(2, 5, 4, 4)
+    assert torch.equal(blocked[..., :2].all(-1).all(-1), ~positive)
+    assert torch.equal(blocked[..., 2:].all(-1).all(-1), positive)
+    level_features[:, channel] = -1.0  # queries with embedding[k] > 0 now have empty masks: unblocked
+    assert not decoder._cross_mask(queries, level_features, None, layer=0).any()
 
 
 def test_normalize_zeroes_padding():

@@ -56,3 +56,24 @@ def test_builders_follow_the_config():
         build_train_transforms(load_config("coco_panoptic_r50", ["data.crop_size=[512,1024]"]).data)
     with pytest.raises(ValueError, match="data.root is empty"):
         build_datasets(load_config("ade20k_semantic_r50", ["data.root="]))
+
+
+def test_crop_augmentation_keeps_the_scale():
+    """``crop``: a random crop_size window of the scene at its original scale; items cut away entirely are dropped."""
+    config = load_config("fashion_scenes_lite0", TINY + ["data.augmentation=crop", "data.crop_size=[40,48]"])
+    transform = build_train_transforms(config.data)
+    scenes = FashionScenes("train", num_images=4, image_size=64, source="subset")
+    torch.manual_seed(0)
+    for index in range(4):
+        sample = scenes[index]
+        cropped = transform(sample)
+        assert cropped["image"].shape == (3, 40, 48) and cropped["masks"].shape[1:] == (40, 48)
+        # Find the window: it is a plain slice of the full image.
+        matches = [(top, left) for top in range(64 - 40 + 1) for left in range(64 - 48 + 1)
+                   if torch.equal(sample["image"][:, top:top + 40, left:left + 48], cropped["image"])]
+        assert matches
+        top, left = matches[0]
+        window = sample["masks"][:, top:top + 40, left:left + 48]
+        kept = window.flatten(1).any(1)
+        assert torch.equal(cropped["masks"], window[kept]) and torch.equal(cropped["labels"], sample["labels"][kept])
+        assert torch.equal(cropped["semantic"], sample["semantic"][top:top + 40, left:left + 48])

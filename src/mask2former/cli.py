@@ -137,6 +137,9 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .allocator import tune_malloc
+
+    tune_malloc()
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:

@@ -97,7 +97,7 @@ class DataConfig:
     num_val_images: int = 200
     image_size: int = 256
     seed: int = 0
-    augmentation: str = "lsj"  # lsj | semantic | none
+    augmentation: str = "lsj"  # lsj | semantic | crop | none
     min_scale: float = 0.1
     max_scale: float = 2.0
     crop_size: tuple[int, int] = (256, 256)

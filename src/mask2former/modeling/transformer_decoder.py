@@ -84,21 +84,11 @@ class PredictionHeads(nn.Module):
 
 
 def mask_logits_from_embeddings(embeddings: Tensor, mask_features: Tensor) -> Tensor:
-    """[B, Q, C] . [B, C, h, w] -> [B, Q, h, w], at least in fp32: summed in bf16 over C channels, the logits' sign
+    """[..., B, Q, C] . [B, C, h, w] -> [..., B, Q, h, w], at least in fp32: summed in bf16 over C channels, the logits' sign
     flips near zero, and the sign is the mask (a small einsum next to the rest of the model)."""
     dtype = torch.promote_types(torch.promote_types(embeddings.dtype, mask_features.dtype), torch.float32)
     with torch.autocast(mask_features.device.type, enabled=False):
-        return torch.einsum("bqc,bchw->bqhw", embeddings.to(dtype), mask_features.to(dtype))
-
-
-def attention_mask_from_masks(mask_logits: Tensor, size: tuple[int, int]) -> Tensor:
-    """Bool [B, 1, Q, h*w], True = blocked: pixels where the (resized) predicted mask has probability < 0.5.
-
-    A query whose mask is empty at this resolution would attend to nothing (NaN softmax); it attends everywhere
-    instead (the reference's fix, facebookresearch/Mask2Former#125). Detached: no gradient through the mask.
-    """
-    resized = F.interpolate(mask_logits.detach(), size=size, mode="bilinear", align_corners=False)
-    return unblock_empty_rows(resized.flatten(2).sigmoid() < 0.5).unsqueeze(1)
+        return torch.einsum("...bqc,bchw->...bqhw", embeddings.to(dtype), mask_features.to(dtype))
 
 
 def unblock_empty_rows(blocked: Tensor) -> Tensor:
@@ -182,15 +172,19 @@ class MaskedTransformerDecoder(nn.Module):
         self, multi_scale: list[Tensor], mask_features: Tensor, piloting=None, intermediate: bool = True,
     ) -> list[tuple[Tensor, Tensor]]:
         """multi_scale: [1/32, 1/16, 1/8] maps; returns [(class_logits, mask_logits)] for the initial queries
-        and every layer (``num_layers + 1`` predictions, the last is the model's output).
+        and every layer (``num_layers + 1`` predictions, the last is the model's output); ``intermediate=False``
+        (inference) returns only the last prediction.
 
-        ``intermediate=False`` (inference) returns only the last prediction. The earlier layers then make just the
-        attention masks, from ``mask_features`` resized to each level: bilinear resizing is linear per channel, so
-        it commutes with the mask einsum, and the full 1/4-resolution masks of 9 layers are never computed.
+        The attention masks come from ``mask_features`` resized to each level: bilinear resizing is linear per
+        channel, so it commutes with the mask einsum, and the reference's resized 1/4-resolution mask logits are
+        never needed between layers. The predictions are then made in one batch over all layers: one einsum with
+        ``mask_features`` (and one gradient into it) instead of one per layer.
 
         ``piloting`` (training only) is an MP-Former ``MaskPiloting`` batch: extra queries with ground-truth
         attention masks, prepended to the matching queries (see ``training/mask_piloting.py``).
         """
+        if piloting is not None and not intermediate:
+            raise ValueError("mask piloting trains every layer: it needs intermediate predictions")
         memories, positions, sizes = self.prepare_memory(multi_scale)
         batch = mask_features.shape[0]
         queries = self.query_feat.weight.unsqueeze(0).expand(batch, -1, -1)
@@ -198,54 +192,41 @@ class MaskedTransformerDecoder(nn.Module):
         self_blocked = None
         if piloting is not None:
             queries, query_pos, self_blocked = piloting.extend_queries(queries, query_pos)
-
-        if not intermediate:
-            if piloting is not None:
-                raise ValueError("mask piloting trains every layer: it needs intermediate predictions")
-            return [self._forward_final_only(queries, query_pos, memories, positions, sizes, mask_features)]
-        predictions = []
-        class_logits, mask_logits = self.heads(queries, mask_features)
-        predictions.append((class_logits, mask_logits))
-        cross_blocked = self._cross_mask(mask_logits, sizes[0], piloting, layer=0)
+        level_features = [
+            F.interpolate(mask_features, size=size, mode="bilinear", align_corners=False) for size in sizes
+        ]
+        states = [queries]
+        cross_blocked = self._cross_mask(queries, level_features[0], piloting, layer=0)
         for index, layer in enumerate(self.layers):
             level = index % self.num_levels
             queries = layer(queries, query_pos, memories[level], positions[level], cross_blocked, self_blocked)
-            class_logits, mask_logits = self.heads(queries, mask_features)
-            predictions.append((class_logits, mask_logits))
+            states.append(queries)
             if index + 1 < len(self.layers):
-                cross_blocked = self._cross_mask(mask_logits, sizes[(index + 1) % self.num_levels], piloting, index + 1)
+                next_level = (index + 1) % self.num_levels
+                cross_blocked = self._cross_mask(queries, level_features[next_level], piloting, index + 1)
+        if not intermediate:
+            return [self.heads(queries, mask_features)]
+        class_logits, mask_logits = self.heads(torch.stack(states), mask_features)
+        predictions = list(zip(class_logits.unbind(0), mask_logits.unbind(0)))
         if piloting is None and self.label_embed is not None and self.training:
             # DDP needs a gradient for every parameter in every step, also when no query was piloted.
             class_logits, mask_logits = predictions[-1]
             predictions[-1] = (class_logits + self.label_embed.weight.sum() * 0, mask_logits)
         return predictions
 
-    def _forward_final_only(
-        self, queries: Tensor, query_pos: Tensor | None, memories: list[Tensor], positions: list[Tensor],
-        sizes: list[tuple[int, int]], mask_features: Tensor,
-    ) -> tuple[Tensor, Tensor]:
-        level_features = [
-            F.interpolate(mask_features, size=size, mode="bilinear", align_corners=False) for size in sizes
-        ]
-        cross_blocked = self._level_attention_mask(queries, level_features[0])
-        for index, layer in enumerate(self.layers):
-            queries = layer(queries, query_pos, memories[index % self.num_levels], positions[index % self.num_levels],
-                            cross_blocked)
-            if index + 1 < len(self.layers):
-                cross_blocked = self._level_attention_mask(queries, level_features[(index + 1) % self.num_levels])
-        return self.heads(queries, mask_features)
+    def _cross_mask(self, queries: Tensor, level_features: Tensor, piloting, layer: int) -> Tensor:
+        """Bool [B, 1, Q, h*w], True = blocked: where the queries' masks at this level have probability < 0.5.
 
-    def _level_attention_mask(self, queries: Tensor, level_features: Tensor) -> Tensor:
-        logits = mask_logits_from_embeddings(self.heads.mask_embed(self.heads.decoder_norm(queries)), level_features)
-        blocked = logits.flatten(2).sigmoid() < 0.5
-        return unblock_empty_rows(blocked).unsqueeze(1)
-
-    def _cross_mask(self, mask_logits: Tensor, size: tuple[int, int], piloting, layer: int) -> Tensor:
-        blocked = attention_mask_from_masks(mask_logits, size)
+        A query whose mask is empty at this resolution would attend to nothing (NaN softmax); it attends everywhere
+        instead (the reference's fix, facebookresearch/Mask2Former#125). No gradient flows through the mask.
+        """
+        with torch.no_grad():
+            embeddings = self.heads.mask_embed(self.heads.decoder_norm(queries))
+            blocked = (mask_logits_from_embeddings(embeddings, level_features).flatten(2).sigmoid() < 0.5).unsqueeze(1)
         if piloting is not None:
-            # Ground-truth rows may be empty (unused slots, point noise): unblock them after the override.
-            blocked = unblock_empty_rows(piloting.override_attention_mask(blocked, size, layer))
-        return blocked
+            # Ground-truth rows may be empty too (unused slots, point noise), hence unblocking after the override.
+            blocked = piloting.override_attention_mask(blocked, tuple(level_features.shape[-2:]), layer)
+        return unblock_empty_rows(blocked)
 
 
 class StandardDecoderLayer(nn.Module):
