@@ -81,6 +81,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--transformers-bf16", action="store_true", help="also time transformers under bf16 autocast")
     parser.add_argument("--output", type=Path, default=None)
+    parser.add_argument("--profile", action="store_true", help="also print the top operators of each fp32 step")
     args = parser.parse_args()
     output = args.output or HERE / "results" / ("train_step.json" if args.device == "cpu" else "train_step_cuda.json")
 
@@ -186,6 +187,13 @@ def main() -> None:
             if device.type == "cuda":
                 peak_memory[name] = torch.cuda.max_memory_allocated() / 2 ** 30
             print(f"{name:22s} {times[name][-1]:8.3f} s  loss {last_loss[name]:.3f}", flush=True)
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        for name in ("ours_fp32", "transformers_fp32"):
+            with profile(activities=[ProfilerActivity.CPU]) as profiler:
+                variants[name]()
+            print(f"== {name}\n" + profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
     median = {name: statistics.median(values) for name, values in times.items()}
     fastest = {name: min(values) for name, values in times.items()}
 
