@@ -35,11 +35,17 @@ def image_file(tmp_path_factory):
 def test_predict_writes_overlays_and_results(checkpoint, image_file, tmp_path, task):
     assert main(["predict", str(image_file), "--checkpoint", str(checkpoint), "--task", task, "--out", str(tmp_path)]) == 0
     overlay = Image.open(tmp_path / f"scene_{task}.png")
-    assert overlay.size[0] >= 64 and overlay.size[1] >= 64
+    assert overlay.mode == "RGB" and overlay.size[0] >= 64 and overlay.size[1] >= 64
+    written = sorted(path.name for path in tmp_path.iterdir())
+    expected = {"panoptic": ["results_panoptic.json", "scene_panoptic.png", "scene_panoptic_ids.png"],
+                "instance": ["results_instance.json", "scene_instance.png"],
+                "semantic": ["results_semantic.json", "scene_semantic.png", "scene_semantic_ids.png"]}
+    assert written == expected[task]
     results = json.loads((tmp_path / f"results_{task}.json").read_text())
     assert results[0]["height"] == 64 and results[0]["width"] == 64
     if task == "panoptic":
-        ids = np.asarray(Image.open(tmp_path / "scene_panoptic.png"), dtype=np.uint32)
+        assert results[0]["panoptic_png"] == "scene_panoptic_ids.png"
+        ids = np.asarray(Image.open(tmp_path / "scene_panoptic_ids.png"), dtype=np.uint32)
         segment_ids = ids[..., 0] + 256 * ids[..., 1] + 65536 * ids[..., 2]
         # Every painted id is listed in the JSON (COCO panoptic rule) and vice versa.
         assert set(np.unique(segment_ids)) - {0} == {s["id"] for s in results[0]["segments_info"]}

@@ -60,9 +60,10 @@ def predict_files(
             segment_map, segments_info = result
             ids = segment_map.numpy().astype(np.uint32)
             rgb = np.stack([ids % 256, ids // 256 % 256, ids // 65536 % 256], axis=-1).astype(np.uint8)
-            Image.fromarray(rgb).save(out / f"{stem}_panoptic.png")
-            written.append(out / f"{stem}_panoptic.png")
-            record["panoptic_png"] = f"{stem}_panoptic.png"
+            # COCO panoptic PNG (id = R + 256 G + 65536 B); "_ids" keeps it apart from the overlay.
+            Image.fromarray(rgb).save(out / f"{stem}_panoptic_ids.png")
+            written.append(out / f"{stem}_panoptic_ids.png")
+            record["panoptic_png"] = f"{stem}_panoptic_ids.png"
             record["segments_info"] = [
                 {**_plain(info), "category_id": label_space.to_dataset(int(info["category_id"])),
                  "category": label_space.names[int(info["category_id"])]}
