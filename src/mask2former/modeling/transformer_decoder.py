@@ -84,11 +84,11 @@ class PredictionHeads(nn.Module):
 
 
 def mask_logits_from_embeddings(embeddings: Tensor, mask_features: Tensor) -> Tensor:
-    """[..., B, Q, C] . [B, C, h, w] -> [..., B, Q, h, w], at least in fp32: summed in bf16 over C channels, the logits' sign
+    """[B, Q, C] . [B, C, h, w] -> [B, Q, h, w], at least in fp32: summed in bf16 over C channels, the logits' sign
     flips near zero, and the sign is the mask (a small einsum next to the rest of the model)."""
     dtype = torch.promote_types(torch.promote_types(embeddings.dtype, mask_features.dtype), torch.float32)
     with torch.autocast(mask_features.device.type, enabled=False):
-        return torch.einsum("...bqc,bchw->...bqhw", embeddings.to(dtype), mask_features.to(dtype))
+        return torch.einsum("bqc,bchw->bqhw", embeddings.to(dtype), mask_features.to(dtype))
 
 
 def unblock_empty_rows(blocked: Tensor) -> Tensor:
@@ -206,8 +206,12 @@ class MaskedTransformerDecoder(nn.Module):
                 cross_blocked = self._cross_mask(queries, level_features[next_level], piloting, index + 1)
         if not intermediate:
             return [self.heads(queries, mask_features)]
-        class_logits, mask_logits = self.heads(torch.stack(states), mask_features)
-        predictions = list(zip(class_logits.unbind(0), mask_logits.unbind(0)))
+        # [B, (layers + 1) * Q, C]: one GEMM per image whose output needs no permute; each layer's logits are views.
+        num_predictions, num_queries = len(states), queries.shape[1]
+        class_logits, mask_logits = self.heads(torch.cat(states, 1), mask_features)
+        class_logits = class_logits.unflatten(1, (num_predictions, num_queries))
+        mask_logits = mask_logits.unflatten(1, (num_predictions, num_queries))
+        predictions = list(zip(class_logits.unbind(1), mask_logits.unbind(1)))
         if piloting is None and self.label_embed is not None and self.training:
             # DDP needs a gradient for every parameter in every step, also when no query was piloted.
             class_logits, mask_logits = predictions[-1]
