@@ -156,6 +156,11 @@ def test_backend_switch_on_cpu(monkeypatch):
     value = torch.zeros(1, 1, 1, 1)
     monkeypatch.delenv(kernels.ENV_VAR, raising=False)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    # "auto" on the CPU is the C kernel (tests/test_cpu_ms_deform_attn.py), guarded by the PyTorch fallback.
+    assert kernels.select_ms_deform_attn(value, ms_deform_attn_core_pytorch) is not ms_deform_attn_core_pytorch
+    monkeypatch.setenv(kernels.ENV_VAR, "cpu")
+    assert kernels.select_ms_deform_attn(value, ms_deform_attn_core_pytorch) is kernels._cpu_kernel
+    monkeypatch.setenv(kernels.ENV_VAR, "pytorch")
     assert kernels.select_ms_deform_attn(value, ms_deform_attn_core_pytorch) is ms_deform_attn_core_pytorch
     monkeypatch.setenv(kernels.ENV_VAR, "cuda-please")
     with pytest.raises(ValueError, match="MASK2FORMER_MSDA_BACKEND.*unknown MSDeformAttn backend 'cuda-please'"):

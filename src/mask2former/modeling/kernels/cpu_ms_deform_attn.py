@@ -1,0 +1,174 @@
+"""MSDeformAttn sampling core as a small C kernel for the CPU (forward and backward), compiled at run time.
+
+Same contract as ``ms_deform_attn_core``: value [B, S, heads, D], sampling_locations [B, Lq, heads, L, P, 2] in
+[0, 1] as (x, y), attention_weights [B, Lq, heads, L, P] -> [B, Lq, heads*D], bilinear with ``align_corners=False``
+and zero padding. It computes in fp32 (fp64 if any input is fp64); other dtypes are cast, as the ``grid_sample``
+path casts them.
+
+Why: the ``grid_sample`` path materialises every sample ([B*heads, D, P*Lq] per level) and weights it in separate
+passes, forward and backward; on the CPU those passes are memory-bound and took most of the pixel decoder's time.
+The kernel (``ms_deform_attn_cpu.c``) gathers each sample's four corners straight into the output row.
+
+The source is compiled with the system C compiler (``$CC`` if set, else ``cc``/``gcc``/``clang``) into a shared library
+cached under ``$MASK2FORMER_CACHE_DIR`` (default ``~/.cache/mask2former``), keyed by the source, the compiler, the
+flags and the CPU (it is built with ``-march=native``); it needs no PyTorch headers and compiles in about a second.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+__all__ = ["CompileError", "cache_dir", "load_library", "ms_deform_attn_cpu"]
+
+SOURCE = Path(__file__).with_name("ms_deform_attn_cpu.c")
+_SCALARS = {torch.float32: "float", torch.float64: "double"}
+# Tried in order: the first set the compiler accepts is used.
+_FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-fopenmp"], ["-O3"])
+
+
+class CompileError(RuntimeError):
+    """The C kernel could not be built (no compiler, or the compiler failed)."""
+
+
+def cache_dir() -> Path:
+    if os.environ.get("MASK2FORMER_CACHE_DIR"):
+        return Path(os.environ["MASK2FORMER_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mask2former"
+
+
+def _compiler() -> str:
+    """``$CC`` when set (and then only it), else the first of cc, gcc, clang on the PATH."""
+    candidates = [os.environ["CC"]] if os.environ.get("CC") else ["cc", "gcc", "clang"]
+    for candidate in candidates:
+        if shutil.which(candidate):
+            return shutil.which(candidate)
+    raise CompileError(f"no C compiler found (tried {', '.join(candidates)}; set $CC, or install gcc or clang)")
+
+
+def _cpu_signature() -> str:
+    """What ``-march=native`` depends on: the CPU's model and feature flags where Linux tells them."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.machine() + platform.processor()
+    wanted = ("model name", "flags", "Features", "CPU part")
+    return platform.machine() + "".join(sorted({line for line in lines if line.split(":")[0].strip() in wanted}))
+
+
+@functools.lru_cache(maxsize=None)
+def load_library(scalar: str) -> ctypes.CDLL:
+    """The kernel for ``scalar`` ("float" or "double"), compiled on first use and cached on disk."""
+    compiler = _compiler()
+    source = SOURCE.read_bytes()
+    errors = []
+    for flags in _FLAG_SETS:
+        command = [compiler, *flags, "-shared", "-fPIC", f"-DSCALAR={scalar}"]
+        key = hashlib.sha256(b"\0".join([source, " ".join(command).encode(), _cpu_signature().encode()]))
+        target = cache_dir() / f"ms_deform_attn_cpu_{scalar}_{key.hexdigest()[:16]}.so"
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            # Compile to a private name, then rename: concurrent processes (DDP ranks) never see a partial file.
+            handle, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
+            os.close(handle)
+            result = subprocess.run([*command, "-o", partial, str(SOURCE), "-lm"], capture_output=True, text=True)
+            if result.returncode != 0:
+                os.unlink(partial)
+                errors.append(f"{' '.join(command)}: {result.stderr.strip().splitlines()[-1:] or result.returncode}")
+                continue
+            os.replace(partial, target)
+        library = ctypes.CDLL(str(target))
+        pointer, index = ctypes.c_void_p, ctypes.c_int64
+        library.msda_forward.argtypes = [pointer] * 5 + [index] * 7 + [ctypes.c_int]
+        library.msda_backward.argtypes = [pointer] * 8 + [index] * 7 + [ctypes.c_int]
+        library.msda_forward.restype = library.msda_backward.restype = None
+        return library
+    raise CompileError(f"could not compile {SOURCE.name}: {'; '.join(errors)}")
+
+
+def _level_table(spatial_shapes) -> Tensor:
+    """[L, 3] int64 (height, width, first token)."""
+    rows, start = [], 0
+    for height, width in spatial_shapes:
+        rows.append((int(height), int(width), start))
+        start += int(height) * int(width)
+    return torch.tensor(rows, dtype=torch.int64)
+
+
+def _check_inputs(value: Tensor, spatial_shapes, sampling_locations: Tensor, attention_weights: Tensor) -> None:
+    if value.dim() != 4 or sampling_locations.dim() != 6 or attention_weights.dim() != 5:
+        raise ValueError(
+            f"ms_deform_attn_cpu: expected value [B,S,heads,D], locations [B,Lq,heads,L,P,2], weights "
+            f"[B,Lq,heads,L,P]; got {tuple(value.shape)}, {tuple(sampling_locations.shape)}, "
+            f"{tuple(attention_weights.shape)}"
+        )
+    batch, tokens, heads, _ = value.shape
+    loc_batch, queries, loc_heads, levels, points, two = sampling_locations.shape
+    if (loc_batch, loc_heads, two) != (batch, heads, 2) or tuple(attention_weights.shape) != (
+            batch, queries, heads, levels, points):
+        raise ValueError(
+            f"ms_deform_attn_cpu: inconsistent shapes value {tuple(value.shape)}, locations "
+            f"{tuple(sampling_locations.shape)}, weights {tuple(attention_weights.shape)}"
+        )
+    if len(spatial_shapes) != levels or sum(h * w for h, w in spatial_shapes) != tokens:
+        raise ValueError(
+            f"ms_deform_attn_cpu: spatial_shapes {list(spatial_shapes)} do not match {levels} levels and "
+            f"{tokens} value tokens"
+        )
+    for name, tensor in (("value", value), ("sampling_locations", sampling_locations),
+                         ("attention_weights", attention_weights)):
+        if tensor.device.type != "cpu":
+            raise ValueError(f"ms_deform_attn_cpu: {name} is on {tensor.device}, not the CPU")
+        if not tensor.is_floating_point():
+            raise ValueError(f"ms_deform_attn_cpu: {name} dtype {tensor.dtype} is not floating point")
+
+
+class _MSDeformAttnFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, value: Tensor, levels: Tensor, sampling_locations: Tensor, attention_weights: Tensor) -> Tensor:
+        batch, tokens, heads, head_dim = value.shape
+        _, queries, _, num_levels, points, _ = sampling_locations.shape
+        library = load_library(_SCALARS[value.dtype])
+        output = torch.empty(batch, queries, heads, head_dim, dtype=value.dtype)
+        library.msda_forward(value.data_ptr(), levels.data_ptr(), sampling_locations.data_ptr(),
+                             attention_weights.data_ptr(), output.data_ptr(), batch, tokens, queries, heads, head_dim,
+                             num_levels, points, torch.get_num_threads())
+        ctx.save_for_backward(value, levels, sampling_locations, attention_weights)
+        return output.view(batch, queries, heads * head_dim)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output: Tensor):
+        value, levels, sampling_locations, attention_weights = ctx.saved_tensors
+        batch, tokens, heads, head_dim = value.shape
+        _, queries, _, num_levels, points, _ = sampling_locations.shape
+        grad_output = grad_output.to(value.dtype).contiguous()
+        grad_value = torch.zeros_like(value)
+        grad_locations = torch.empty_like(sampling_locations)
+        grad_weights = torch.empty_like(attention_weights)
+        load_library(_SCALARS[value.dtype]).msda_backward(
+            value.data_ptr(), levels.data_ptr(), sampling_locations.data_ptr(), attention_weights.data_ptr(),
+            grad_output.data_ptr(), grad_value.data_ptr(), grad_locations.data_ptr(), grad_weights.data_ptr(),
+            batch, tokens, queries, heads, head_dim, num_levels, points, torch.get_num_threads())
+        return grad_value, None, grad_locations, grad_weights
+
+
+def ms_deform_attn_cpu(value: Tensor, spatial_shapes, sampling_locations: Tensor, attention_weights: Tensor) -> Tensor:
+    """The C kernel on CPU tensors; the inputs are cast to one compute dtype here so autograd casts the gradients
+    back to each input's own dtype."""
+    _check_inputs(value, spatial_shapes, sampling_locations, attention_weights)
+    inputs = (value, sampling_locations, attention_weights)
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in inputs) else torch.float32
+    value, sampling_locations, attention_weights = (t.to(dtype).contiguous() for t in inputs)
+    return _MSDeformAttnFunction.apply(value, _level_table(spatial_shapes), sampling_locations, attention_weights)
