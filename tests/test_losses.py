@@ -7,6 +7,7 @@ from torchvision.ops import sigmoid_focal_loss as tv_sigmoid_focal_loss
 from mask2former.training.losses import (
     dice_loss,
     pairwise_dice_cost,
+    neg_log_sigmoid,
     pairwise_sigmoid_ce_cost,
     pairwise_sigmoid_focal_cost,
     sigmoid_ce_loss,
@@ -35,6 +36,16 @@ def test_sigmoid_focal_loss_matches_torchvision():
     targets = (torch.rand(3, 50) > 0.5).float()
     expected = tv_sigmoid_focal_loss(logits, targets, alpha=0.25, gamma=2.0, reduction="none").mean(1).sum() / 2.0
     torch.testing.assert_close(sigmoid_focal_loss(logits, targets, 2.0), expected)
+
+
+def test_neg_log_sigmoid_equals_bce_with_target_one():
+    logits = torch.cat([torch.randn(1000) * 30, torch.tensor([0.0, 1e-8, -1e-8, 88.0, -88.0, 1e4, -1e4])])
+    expected = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits), reduction="none")
+    torch.testing.assert_close(neg_log_sigmoid(logits), expected, rtol=1e-6, atol=6e-8)
+    special = neg_log_sigmoid(torch.tensor([float("inf"), float("-inf"), float("nan")]))
+    assert special[0] == 0 and special[1] == float("inf") and special[2].isnan()
+    # A transposed (matcher-layout) input gives the same values.
+    torch.testing.assert_close(neg_log_sigmoid(logits.view(-1, 1).expand(-1, 3).T), expected.expand(3, -1))
 
 
 def test_pairwise_costs_equal_per_pair_losses():

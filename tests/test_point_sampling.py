@@ -1,7 +1,13 @@
 import pytest
 import torch
 
-from mask2former.training.point_sampling import mask_uncertainty, point_sample, uncertain_point_coords
+from mask2former.modeling import kernels
+from mask2former.training.point_sampling import (
+    mask_uncertainty,
+    point_sample,
+    point_sample_shared,
+    uncertain_point_coords,
+)
 
 
 def test_point_sample_matches_hand_computed_bilinear():
@@ -31,6 +37,18 @@ def test_point_sample_channels_and_batch():
     torch.testing.assert_close(out[1:], point_sample(inputs[1:], coords[1:]))
     with pytest.raises(ValueError, match="coords"):
         point_sample(inputs, coords[..., :1])
+
+
+@pytest.mark.parametrize("backend", ["auto", "pytorch"])
+def test_point_sample_shared_equals_point_sample(backend):
+    # Points inside, on the border and outside the map; 1 and many channels; fp32 and fp64.
+    coords = torch.cat([torch.rand(50, 2), torch.tensor([[0.0, 0.0], [1.0, 1.0], [-0.2, 0.5], [0.5, 1.3]])])
+    with kernels.ms_deform_attn_backend(backend):
+        for inputs in (torch.randn(7, 5, 6), torch.randn(1, 4, 3, dtype=torch.float64)):
+            expected = point_sample(inputs[None], coords[None].to(inputs.dtype))[0]
+            torch.testing.assert_close(point_sample_shared(inputs, coords), expected)
+    with pytest.raises(ValueError, match="coords"):
+        point_sample_shared(torch.zeros(2, 3, 3), coords[None])
 
 
 def test_uncertain_point_coords_shape_range_and_importance():

@@ -44,18 +44,26 @@ def sigmoid_focal_loss(
 def pairwise_sigmoid_ce_cost(logits: Tensor, targets: Tensor) -> Tensor:
     """Mean-over-points BCE for every (prediction, target) pair: `[Q,P] x [G,P] -> [Q,G]`.
 
-    BCE(x, t) = t * BCE(x, 1) + (1 - t) * BCE(x, 0), so the pair sum splits into two matmuls.
+    BCE(x, t) = t * BCE(x, 1) + (1 - t) * BCE(x, 0) and BCE(x, 0) = BCE(x, 1) + x, so BCE(x, t) = BCE(x, 1) +
+    (1 - t) * x: the pair sum is a row sum plus one matmul (the reference's two matmuls, with one pass less).
     """
     num_points = logits.shape[1]
-    ce_pos = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits), reduction="none")
-    ce_neg = F.binary_cross_entropy_with_logits(logits, torch.zeros_like(logits), reduction="none")
-    return (ce_pos @ targets.T + ce_neg @ (1 - targets).T) / num_points
+    return (neg_log_sigmoid(logits).sum(1, keepdim=True) + logits @ (1 - targets).T) / num_points
+
+
+def neg_log_sigmoid(logits: Tensor) -> Tensor:
+    """BCE(x, 1) = -log(sigmoid(x)) = max(-x, 0) + log(1 + exp(-|x|)), stable for any x.
+
+    Written out because PyTorch's CPU log_sigmoid and log1p kernels are not vectorised (~4x slower on the
+    matcher's [100, 12544]); log(1 + y) for log1p(y) is off by under 6e-8 absolute, since 1 + y is in (1, 2].
+    """
+    return F.relu(-logits) + logits.abs().neg().exp_().add_(1).log_()
 
 
 def pairwise_dice_cost(logits: Tensor, targets: Tensor) -> Tensor:
     """Dice loss for every (prediction, target) pair: `[Q,P] x [G,P] -> [Q,G]`."""
     probs = logits.sigmoid()
-    numerator = 2 * probs @ targets.T
+    numerator = 2 * (probs @ targets.T)
     denominator = probs.sum(-1)[:, None] + targets.sum(-1)[None, :]
     return 1 - (numerator + 1) / (denominator + 1)
 

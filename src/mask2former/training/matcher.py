@@ -11,7 +11,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from .losses import pairwise_dice_cost, pairwise_sigmoid_ce_cost, pairwise_sigmoid_focal_cost
-from .point_sampling import point_sample
+from .point_sampling import point_sample, point_sample_shared
 
 # Non-finite costs are replaced by this (the worst possible pair) and finite ones clamped to
 # +-this, so that scipy never sees NaN/inf and the float64 solver keeps its precision.
@@ -137,7 +137,7 @@ class HungarianMatcher(nn.Module):
             if self.mask_cost == "points":
                 # One point set for all predictions and targets of the image: the pair costs compare like with like.
                 coords = torch.rand(1, self.num_points, 2, device=masks.device, generator=generator)
-                pred_points = point_sample(pred_masks[None], coords)[0]  # masks as channels -> [Q, P]
+                pred_points = point_sample_shared(pred_masks, coords[0])  # [Q, P]
                 target_points = point_sample(target_masks[None], coords)[0]  # [N, P]
                 cost_mask = pairwise_sigmoid_ce_cost(pred_points, target_points)
                 cost_dice = pairwise_dice_cost(pred_points, target_points)

@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..modeling.ms_deform_attn import ms_deform_attn_core
+
 
 def point_sample(inputs: Tensor, coords: Tensor) -> Tensor:
     """Bilinearly read `inputs[N,C,H,W]` at `coords[N,P,2]` (x, y in [0, 1]) -> `[N,C,P]`.
@@ -21,6 +23,27 @@ def point_sample(inputs: Tensor, coords: Tensor) -> Tensor:
         )
     grid = (2.0 * coords - 1.0).unsqueeze(2).to(inputs.dtype)  # [N,P,1,2] in grid_sample's [-1, 1]
     return F.grid_sample(inputs, grid, mode="bilinear", padding_mode="zeros", align_corners=False).squeeze(3)
+
+
+def point_sample_shared(inputs: Tensor, coords: Tensor) -> Tensor:
+    """Bilinearly read every channel of `inputs[C,H,W]` at the same `coords[P,2]` -> `[C,P]`, as `point_sample`.
+
+    This is MSDeformAttn's sampling core with one level, one point per query and unit weight, so it runs on the
+    C (CPU) and Triton (CUDA) kernels where those are available: they read each point's C channels from a
+    channels-last copy in one go, where grid_sample walks the C planes one after another (4x slower for the
+    matcher's 100 masks x 12544 points on a CPU).
+    """
+    if inputs.dim() != 3 or coords.dim() != 2 or coords.shape[-1] != 2:
+        raise ValueError(
+            "point_sample_shared: expected inputs [C,H,W] and coords [P,2], "
+            f"got {tuple(inputs.shape)} and {tuple(coords.shape)}"
+        )
+    channels, height, width = inputs.shape
+    num_points = coords.shape[0]
+    value = inputs.flatten(1).T.reshape(1, height * width, 1, channels)
+    locations = coords.to(inputs.dtype).view(1, num_points, 1, 1, 1, 2)
+    weights = torch.ones(1, num_points, 1, 1, 1, dtype=inputs.dtype, device=inputs.device)
+    return ms_deform_attn_core(value, [(height, width)], locations, weights)[0].T
 
 
 def mask_uncertainty(mask_logits: Tensor) -> Tensor:
