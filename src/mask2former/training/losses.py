@@ -48,7 +48,9 @@ def pairwise_sigmoid_ce_cost(logits: Tensor, targets: Tensor) -> Tensor:
     (1 - t) * x: the pair sum is a row sum plus one matmul (the reference's two matmuls, with one pass less).
     """
     num_points = logits.shape[1]
-    return (neg_log_sigmoid(logits).sum(1, keepdim=True) + logits @ (1 - targets).T) / num_points
+    # Written as (targets @ logits.T).T: fast for both layouts of logits (the matcher passes a transposed view,
+    # [P, Q] in memory, for which logits @ targets.T takes MKL's slow path: 3 ms instead of 0.25 ms).
+    return (neg_log_sigmoid(logits).sum(1, keepdim=True) + ((1 - targets) @ logits.T).T) / num_points
 
 
 def neg_log_sigmoid(logits: Tensor) -> Tensor:
@@ -63,7 +65,7 @@ def neg_log_sigmoid(logits: Tensor) -> Tensor:
 def pairwise_dice_cost(logits: Tensor, targets: Tensor) -> Tensor:
     """Dice loss for every (prediction, target) pair: `[Q,P] x [G,P] -> [Q,G]`."""
     probs = logits.sigmoid()
-    numerator = 2 * (probs @ targets.T)
+    numerator = 2 * (targets @ probs.T).T  # the layout note of pairwise_sigmoid_ce_cost
     denominator = probs.sum(-1)[:, None] + targets.sum(-1)[None, :]
     return 1 - (numerator + 1) / (denominator + 1)
 
