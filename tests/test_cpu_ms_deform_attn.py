@@ -100,7 +100,7 @@ def test_auto_backend_uses_the_kernel_on_cpu_and_pytorch_when_tracing(monkeypatc
         reference = attn(*inputs)
     torch.testing.assert_close(auto, reference, rtol=1e-5, atol=1e-6)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.trace is deprecated, and the ONNX export uses it
+        warnings.simplefilter("ignore")  # torch.jit.trace is deprecated (the ONNX export still uses it)
         attn.requires_grad_(False)  # parameters become constants of a traced function
         torch.jit.trace(lambda *tensors: attn(*tensors, inputs[3]), inputs[:3], check_trace=False)  # traced graphs keep grid_sample
     assert calls == [1]
@@ -140,5 +140,18 @@ def test_compiled_library_is_cached_on_disk(monkeypatch, tmp_path):
         cpu_ms_deform_attn.load_library.cache_clear()
         cpu_ms_deform_attn.load_library("float")
         assert sorted(tmp_path.iterdir()) == built and built[0].stat().st_mtime_ns == modified
+    finally:
+        cpu_ms_deform_attn.load_library.cache_clear()
+
+
+def test_unusable_cache_dir_builds_in_a_temporary_directory(monkeypatch, tmp_path):
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    monkeypatch.setenv("MASK2FORMER_CACHE_DIR", str(blocker / "cache"))
+    cpu_ms_deform_attn.load_library.cache_clear()
+    try:
+        value, locations, weights = make_inputs(SHAPES, 1, 3, 1, 2, 1, "cpu", torch.float32)
+        forced = ms_deform_attn_cpu(value, SHAPES, locations, weights)
+        torch.testing.assert_close(forced, ms_deform_attn_core_pytorch(value, SHAPES, locations, weights))
     finally:
         cpu_ms_deform_attn.load_library.cache_clear()

@@ -78,7 +78,10 @@ def load_library(scalar: str) -> ctypes.CDLL:
         key = hashlib.sha256(b"\0".join([source, " ".join(command).encode(), _cpu_signature().encode()]))
         target = cache_dir() / f"ms_deform_attn_cpu_{scalar}_{key.hexdigest()[:16]}.so"
         if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+            except OSError:  # a read-only home: build in a private temporary directory instead
+                target = Path(tempfile.mkdtemp(prefix="mask2former-")) / target.name
             # Compile to a private name, then rename: concurrent processes (DDP ranks) never see a partial file.
             handle, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
             os.close(handle)
