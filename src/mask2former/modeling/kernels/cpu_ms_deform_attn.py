@@ -88,7 +88,8 @@ def load_library(scalar: str) -> ctypes.CDLL:
             result = subprocess.run([*command, "-o", partial, str(SOURCE), "-lm"], capture_output=True, text=True)
             if result.returncode != 0:
                 os.unlink(partial)
-                errors.append(f"{' '.join(command)}: {result.stderr.strip().splitlines()[-1:] or result.returncode}")
+                messages = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+                errors.append(f"{' '.join(command)}: {messages[0] if messages else f'exit {result.returncode}'}")
                 continue
             os.replace(partial, target)
         library = ctypes.CDLL(str(target))

@@ -8,9 +8,9 @@
  *
  * Both passes walk the queries of one (batch, head) pair in turn: neighbouring queries sample neighbouring pixels,
  * and one pair's value slice ([S, D]) stays in cache. Threads are OpenMP's (built with -fopenmp, the library
- * shares PyTorch's libgomp and its thread pool; without it the loops run serially). The forward splits that
- * (batch, head, query) order between threads; the backward splits the B*H pairs, so every thread owns its slice of
- * the value gradient: no atomics, and the result does not depend on the number of threads.
+ * shares PyTorch's libgomp and its thread pool; without it the loops run serially). The forward splits blocks of
+ * queries between threads; the backward splits the B*H pairs, so every thread owns its slice of the value gradient:
+ * no atomics, and the result does not depend on the number of threads.
  */
 #include <math.h>
 #include <stdint.h>
@@ -25,7 +25,7 @@ typedef struct {
     scalar_t weight[4], slope_x[4], slope_y[4];
 } corners_t;
 
-static void find_corners(scalar_t x, scalar_t y, const int64_t *level, corners_t *c) {
+static inline void find_corners(scalar_t x, scalar_t y, const int64_t *level, corners_t *c) {
     const int64_t height = level[0], width = level[1], start = level[2];
     scalar_t px = x * (scalar_t)width - (scalar_t)0.5, py = y * (scalar_t)height - (scalar_t)0.5;
     /* Far-out points (and NaN) move to just outside the map, where every corner is padding: the sample is zero,
@@ -47,26 +47,43 @@ static void find_corners(scalar_t x, scalar_t y, const int64_t *level, corners_t
     }
 }
 
+/* Queries per forward task: tasks are (batch, head, block of queries), so that a batch of one still spreads over
+ * many threads while each task walks neighbouring queries of one pair. */
+#define QUERY_BLOCK 64
+
 void msda_forward(const scalar_t *value, const int64_t *levels, const scalar_t *locations, const scalar_t *weights,
                   scalar_t *output, int64_t batch, int64_t tokens, int64_t queries, int64_t heads, int64_t dim,
                   int64_t num_levels, int64_t num_points, int threads) {
     const int64_t samples = num_levels * num_points, token_stride = heads * dim;
+    const int64_t blocks = (queries + QUERY_BLOCK - 1) / QUERY_BLOCK;
 #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t item = 0; item < batch * heads * queries; ++item) { /* item = (b * H + h) * Q + q */
-        const int64_t q = item % queries, h = item / queries % heads, b = item / (queries * heads);
-        const int64_t row = (b * queries + q) * heads + h;
+    for (int64_t task = 0; task < batch * heads * blocks; ++task) {
+        const int64_t pair = task / blocks, b = pair / heads, h = pair % heads;
+        const int64_t first = task % blocks * QUERY_BLOCK;
+        const int64_t last = first + QUERY_BLOCK < queries ? first + QUERY_BLOCK : queries;
         const scalar_t *pair_value = value + b * tokens * token_stride + h * dim;
-        const scalar_t *row_locations = locations + row * samples * 2, *row_weights = weights + row * samples;
-        scalar_t *restrict out = output + row * dim;
-        memset(out, 0, (size_t)dim * sizeof(scalar_t));
-        for (int64_t s = 0; s < samples; ++s) {
-            corners_t c;
-            find_corners(row_locations[2 * s], row_locations[2 * s + 1], levels + 3 * (s / num_points), &c);
-            for (int k = 0; k < 4; ++k) {
-                if (c.token[k] < 0) continue;
-                const scalar_t coefficient = row_weights[s] * c.weight[k];
-                const scalar_t *restrict v = pair_value + c.token[k] * token_stride;
-                for (int64_t d = 0; d < dim; ++d) out[d] += coefficient * v[d];
+        /* Padding corners read this zero row: the four corners then add up in one pass over D, branch-free. */
+        scalar_t zero_row[dim];
+        memset(zero_row, 0, sizeof(zero_row));
+        for (int64_t q = first; q < last; ++q) {
+            const int64_t row = (b * queries + q) * heads + h;
+            const scalar_t *row_locations = locations + row * samples * 2, *row_weights = weights + row * samples;
+            scalar_t *restrict out = output + row * dim;
+            memset(out, 0, (size_t)dim * sizeof(scalar_t));
+            for (int64_t l = 0, s = 0; l < num_levels; ++l) {
+                for (int64_t p = 0; p < num_points; ++p, ++s) {
+                    corners_t c;
+                    find_corners(row_locations[2 * s], row_locations[2 * s + 1], levels + 3 * l, &c);
+                    const scalar_t *restrict v[4];
+                    scalar_t coefficient[4];
+                    for (int k = 0; k < 4; ++k) {
+                        v[k] = c.token[k] < 0 ? zero_row : pair_value + c.token[k] * token_stride;
+                        coefficient[k] = row_weights[s] * c.weight[k];
+                    }
+                    for (int64_t d = 0; d < dim; ++d)
+                        out[d] += coefficient[0] * v[0][d] + coefficient[1] * v[1][d] + coefficient[2] * v[2][d] +
+                                  coefficient[3] * v[3][d];
+                }
             }
         }
     }
@@ -84,35 +101,51 @@ void msda_backward(const scalar_t *value, const int64_t *levels, const scalar_t 
         const int64_t offset = b * tokens * token_stride + h * dim;
         const scalar_t *pair_value = value + offset;
         scalar_t *pair_grad_value = grad_value + offset;
+        /* Padding corners read the zero row and write their (unused) value gradient into the sink row, so the four
+         * corners share one branch-free pass over D. */
+        scalar_t zero_row[dim], sink_row[dim];
+        memset(zero_row, 0, sizeof(zero_row));
         for (int64_t q = 0; q < queries; ++q) {
             const int64_t row = (b * queries + q) * heads + h;
             const scalar_t *row_locations = locations + row * samples * 2, *row_weights = weights + row * samples;
             const scalar_t *restrict g = grad_output + row * dim;
-            for (int64_t s = 0; s < samples; ++s) {
-                const int64_t *level = levels + 3 * (s / num_points);
-                corners_t c;
-                find_corners(row_locations[2 * s], row_locations[2 * s + 1], level, &c);
-                scalar_t grad_weight = 0, grad_x = 0, grad_y = 0;
-                for (int k = 0; k < 4; ++k) {
-                    if (c.token[k] < 0) continue;
-                    const scalar_t *restrict v = pair_value + c.token[k] * token_stride;
-                    scalar_t *restrict gv = pair_grad_value + c.token[k] * token_stride;
-                    const scalar_t coefficient = row_weights[s] * c.weight[k];
-                    scalar_t dot = 0;
-                    /* simd reduction: lets the compiler vectorise the dot product (it may reorder the sum) */
-#pragma omp simd reduction(+ : dot)
-                    for (int64_t d = 0; d < dim; ++d) {
-                        dot += v[d] * g[d];
-                        gv[d] += coefficient * g[d];
+            scalar_t *row_grad_locations = grad_locations + row * samples * 2;
+            scalar_t *row_grad_weights = grad_weights + row * samples;
+            for (int64_t l = 0, s = 0; l < num_levels; ++l) {
+                const int64_t *level = levels + 3 * l;
+                for (int64_t p = 0; p < num_points; ++p, ++s) {
+                    corners_t c;
+                    find_corners(row_locations[2 * s], row_locations[2 * s + 1], level, &c);
+                    const scalar_t *restrict v[4];
+                    scalar_t *restrict gv[4];
+                    scalar_t coefficient[4];
+                    for (int k = 0; k < 4; ++k) {
+                        v[k] = c.token[k] < 0 ? zero_row : pair_value + c.token[k] * token_stride;
+                        gv[k] = c.token[k] < 0 ? sink_row : pair_grad_value + c.token[k] * token_stride;
+                        coefficient[k] = row_weights[s] * c.weight[k];
                     }
-                    grad_weight += c.weight[k] * dot;
-                    grad_x += c.slope_x[k] * dot;
-                    grad_y += c.slope_y[k] * dot;
+                    /* grad_weight = sum_k weight_k <v_k, g> and likewise for the slopes: three dot products of g
+                     * with corner mixes, not four with the corners (simd reductions: the sum may be reordered). */
+                    scalar_t grad_weight = 0, grad_x = 0, grad_y = 0;
+#pragma omp simd reduction(+ : grad_weight, grad_x, grad_y)
+                    for (int64_t d = 0; d < dim; ++d) {
+                        const scalar_t gd = g[d];
+                        grad_weight += gd * (c.weight[0] * v[0][d] + c.weight[1] * v[1][d] + c.weight[2] * v[2][d] +
+                                             c.weight[3] * v[3][d]);
+                        grad_x += gd * (c.slope_x[0] * v[0][d] + c.slope_x[1] * v[1][d] + c.slope_x[2] * v[2][d] +
+                                        c.slope_x[3] * v[3][d]);
+                        grad_y += gd * (c.slope_y[0] * v[0][d] + c.slope_y[1] * v[1][d] + c.slope_y[2] * v[2][d] +
+                                        c.slope_y[3] * v[3][d]);
+                        gv[0][d] += coefficient[0] * gd;
+                        gv[1][d] += coefficient[1] * gd;
+                        gv[2][d] += coefficient[2] * gd;
+                        gv[3][d] += coefficient[3] * gd;
+                    }
+                    /* d pixel-x / d x = width, d pixel-y / d y = height */
+                    row_grad_weights[s] = grad_weight;
+                    row_grad_locations[2 * s] = row_weights[s] * grad_x * (scalar_t)level[1];
+                    row_grad_locations[2 * s + 1] = row_weights[s] * grad_y * (scalar_t)level[0];
                 }
-                /* d pixel-x / d x = width, d pixel-y / d y = height */
-                grad_weights[row * samples + s] = grad_weight;
-                grad_locations[(row * samples + s) * 2] = row_weights[s] * grad_x * (scalar_t)level[1];
-                grad_locations[(row * samples + s) * 2 + 1] = row_weights[s] * grad_y * (scalar_t)level[0];
             }
         }
     }
