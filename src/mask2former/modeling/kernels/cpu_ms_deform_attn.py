@@ -30,6 +30,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from . import check_core_inputs
+
 __all__ = ["CompileError", "cache_dir", "load_library", "ms_deform_attn_cpu"]
 
 SOURCE = Path(__file__).with_name("ms_deform_attn_cpu.c")
@@ -111,25 +113,7 @@ def _level_table(spatial_shapes) -> Tensor:
 
 
 def _check_inputs(value: Tensor, spatial_shapes, sampling_locations: Tensor, attention_weights: Tensor) -> None:
-    if value.dim() != 4 or sampling_locations.dim() != 6 or attention_weights.dim() != 5:
-        raise ValueError(
-            f"ms_deform_attn_cpu: expected value [B,S,heads,D], locations [B,Lq,heads,L,P,2], weights "
-            f"[B,Lq,heads,L,P]; got {tuple(value.shape)}, {tuple(sampling_locations.shape)}, "
-            f"{tuple(attention_weights.shape)}"
-        )
-    batch, tokens, heads, _ = value.shape
-    loc_batch, queries, loc_heads, levels, points, two = sampling_locations.shape
-    if (loc_batch, loc_heads, two) != (batch, heads, 2) or tuple(attention_weights.shape) != (
-            batch, queries, heads, levels, points):
-        raise ValueError(
-            f"ms_deform_attn_cpu: inconsistent shapes value {tuple(value.shape)}, locations "
-            f"{tuple(sampling_locations.shape)}, weights {tuple(attention_weights.shape)}"
-        )
-    if len(spatial_shapes) != levels or sum(h * w for h, w in spatial_shapes) != tokens:
-        raise ValueError(
-            f"ms_deform_attn_cpu: spatial_shapes {list(spatial_shapes)} do not match {levels} levels and "
-            f"{tokens} value tokens"
-        )
+    check_core_inputs("ms_deform_attn_cpu", value, spatial_shapes, sampling_locations, attention_weights)
     for name, tensor in (("value", value), ("sampling_locations", sampling_locations),
                          ("attention_weights", attention_weights)):
         if tensor.device.type != "cpu":
