@@ -1,7 +1,8 @@
-"""Multi-scale deformable attention (Deformable DETR), pure PyTorch.
+"""Multi-scale deformable attention (Deformable DETR).
 
 The reference sampling core is plain ``grid_sample`` so it runs on any device; ``ms_deform_attn_core`` picks a
-Triton kernel for CUDA tensors at run time when one can be had (see ``kernels/``), checked against this path.
+compiled kernel at run time when one can be had (C on the CPU, Triton on CUDA; see ``kernels/``), each checked
+against this path.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ def ms_deform_attn_core(
     value: Tensor, spatial_shapes: list[tuple[int, int]], sampling_locations: Tensor, attention_weights: Tensor
 ) -> Tensor:
     """The MSDeformAttn sampling core (contract of ``ms_deform_attn_core_pytorch``), dispatched per call to the
-    Triton kernel or the PyTorch path (``kernels.select_ms_deform_attn``; ``MASK2FORMER_MSDA_BACKEND`` forces one)."""
+    C (CPU) or Triton (CUDA) kernel or the PyTorch path (``kernels.select_ms_deform_attn``; ``MASK2FORMER_MSDA_BACKEND``
+    forces one)."""
     implementation = select_ms_deform_attn(value, ms_deform_attn_core_pytorch)
     return implementation(value, spatial_shapes, sampling_locations, attention_weights)
 
