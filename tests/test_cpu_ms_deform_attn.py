@@ -155,3 +155,23 @@ def test_unusable_cache_dir_builds_in_a_temporary_directory(monkeypatch, tmp_pat
         torch.testing.assert_close(forced, ms_deform_attn_core_pytorch(value, SHAPES, locations, weights))
     finally:
         cpu_ms_deform_attn.load_library.cache_clear()
+
+
+def test_compiler_without_openmp_still_builds_a_working_kernel(monkeypatch, tmp_path):
+    # A wrapper compiler that rejects -fopenmp, as Apple's clang does: the next flag set is used.
+    wrapper = tmp_path / "cc-no-openmp"
+    wrapper.write_text('#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && { echo "error: unsupported option" >&2;'
+                       ' exit 1; }; done\nexec cc "$@"\n')
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("CC", str(wrapper))
+    monkeypatch.setenv("MASK2FORMER_CACHE_DIR", str(tmp_path / "cache"))
+    cpu_ms_deform_attn.load_library.cache_clear()
+    try:
+        inputs = make_inputs(SHAPES, 2, 5, 2, 3, 2, "cpu", torch.float64)
+        for actual, expected in zip(outputs_and_grads(ms_deform_attn_cpu, inputs),
+                                    outputs_and_grads(ms_deform_attn_core_pytorch, inputs)):
+            torch.testing.assert_close(actual, expected)
+        built = list((tmp_path / "cache").glob("*.so"))
+        assert len(built) == 1 and b"GOMP_" not in built[0].read_bytes()  # a serial build, without OpenMP calls
+    finally:
+        cpu_ms_deform_attn.load_library.cache_clear()
