@@ -37,22 +37,26 @@ def test_predict_writes_overlays_and_results(checkpoint, image_file, tmp_path, t
     overlay = Image.open(tmp_path / f"scene_{task}.png")
     assert overlay.mode == "RGB" and overlay.size[0] >= 64 and overlay.size[1] >= 64
     written = sorted(path.name for path in tmp_path.iterdir())
-    expected = {"panoptic": ["results_panoptic.json", "scene_panoptic.png", "scene_panoptic_ids.png"],
-                "instance": ["results_instance.json", "scene_instance.png"],
-                "semantic": ["results_semantic.json", "scene_semantic.png", "scene_semantic_ids.png"]}
+    expected = {"panoptic": ["panoptic", "panoptic.json", "scene_panoptic.png", "summary.json"],
+                "instance": ["instances.json", "scene_instance.png", "summary.json"],
+                "semantic": ["scene_semantic.png", "semantic", "summary.json"]}
     assert written == expected[task]
-    results = json.loads((tmp_path / f"results_{task}.json").read_text())
-    assert results[0]["height"] == 64 and results[0]["width"] == 64
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["precision"] == "fp32" and summary["images"][0]["image_id"] == "scene"
+    assert summary["images"][0]["height"] == 64 and summary["images"][0]["width"] == 64
     if task == "panoptic":
-        assert results[0]["panoptic_png"] == "scene_panoptic_ids.png"
-        ids = np.asarray(Image.open(tmp_path / "scene_panoptic_ids.png"), dtype=np.uint32)
+        results = json.loads((tmp_path / "panoptic.json").read_text())["annotations"]
+        assert results[0]["image_id"] == "scene" and results[0]["file_name"] == "scene.png"
+        ids = np.asarray(Image.open(tmp_path / "panoptic" / "scene.png"), dtype=np.uint32)
         segment_ids = ids[..., 0] + 256 * ids[..., 1] + 65536 * ids[..., 2]
         # Every painted id is listed in the JSON (COCO panoptic rule) and vice versa.
         assert set(np.unique(segment_ids)) - {0} == {s["id"] for s in results[0]["segments_info"]}
     elif task == "instance":
-        assert all(1 <= inst["category_id"] <= 10 for inst in results[0]["instances"])  # things only
+        results = json.loads((tmp_path / "instances.json").read_text())  # the COCO results list
+        assert results and all(1 <= inst["category_id"] <= 10 for inst in results)  # things only
+        assert all(set(inst) == {"image_id", "category_id", "segmentation", "score", "bbox"} for inst in results)
     else:
-        assert np.asarray(Image.open(tmp_path / "scene_semantic_ids.png")).max() < 13
+        assert np.asarray(Image.open(tmp_path / "semantic" / "scene.png")).max() < 13
 
 
 def test_evaluate_prints_metrics_and_writes_json(checkpoint, tmp_path, capsys):
@@ -74,16 +78,18 @@ def test_export_and_predict_with_onnx(checkpoint, image_file, tmp_path, capsys):
     assert main(["predict", str(image_file), "--onnx", str(onnx_path), "--task", "semantic", "--out", str(tmp_path / "p")]) == 0
     torch_out = tmp_path / "t"
     assert main(["predict", str(image_file), "--checkpoint", str(checkpoint), "--task", "semantic", "--out", str(torch_out)]) == 0
-    onnx_ids = np.asarray(Image.open(tmp_path / "p" / "scene_semantic_ids.png"))
-    torch_ids = np.asarray(Image.open(torch_out / "scene_semantic_ids.png"))
+    onnx_ids = np.asarray(Image.open(tmp_path / "p" / "semantic" / "scene.png"))
+    torch_ids = np.asarray(Image.open(torch_out / "semantic" / "scene.png"))
     assert (onnx_ids == torch_ids).mean() > 0.99
 
 
 def test_data_export_round_trip(tmp_path):
-    from mask2former.data.formats.coco_panoptic import CocoPanopticDataset
+    from mask2former.config import load_config
+    from mask2former.train import build_dataset
 
     assert main(["data", "export", "fashion-scenes", str(tmp_path), "--num-images", "2", "--seed", "3"]) == 0
-    dataset = CocoPanopticDataset(tmp_path / "panoptic_val.json", tmp_path / "images" / "val")
+    config = load_config("fashion_scenes_lite0", ["data.dataset=coco_panoptic", f"data.root={tmp_path}"])
+    dataset, _ = build_dataset(config, "val", train=False)  # detectron2's layout: data.root alone reads it
     assert len(dataset) == 2
     original = FashionScenes("val", num_images=2, seed=3)[1]
     read_back = dataset[1]
@@ -108,3 +114,49 @@ def load_tiny_config():
     from mask2former.config import load_config
 
     return load_config("fashion_scenes_lite0", TINY).model
+
+
+def test_evaluate_saves_standard_files_that_score_the_same(checkpoint, tmp_path, capsys):
+    """export -> evaluate --save-predictions -> evaluate --predictions gives identical metrics; pycocotools and
+    panopticapi read the saved files as they are; predict (fp32, as evaluate) writes the same files."""
+    from test_results_files import panopticapi_pq, pycocotools_ap
+
+    data = tmp_path / "data"
+    assert main(["data", "export", "fashion-scenes", str(data), "--num-images", "3", "--seed", "1"]) == 0
+    dataset_args = ["data.dataset=coco_panoptic", f"data.root={data}"]
+    saved, first, second = tmp_path / "saved", tmp_path / "m1.json", tmp_path / "m2.json"
+    capsys.readouterr()
+    assert main(["evaluate", "--checkpoint", str(checkpoint), *dataset_args, "--save-predictions", str(saved),
+                 "--out", str(first)]) == 0
+    assert "precision: fp32" in capsys.readouterr().out
+    assert main(["evaluate", "--predictions", str(saved), *dataset_args, "--out", str(second)]) == 0
+    metrics = json.loads(first.read_text())["metrics"]
+    assert json.loads(second.read_text())["metrics"] == metrics
+    assert metrics["PQ"] == pytest.approx(100.0 * panopticapi_pq(data, saved)["All"]["pq"], abs=1e-9)
+    assert metrics["AP"] == pytest.approx(pycocotools_ap(data, saved), abs=1e-9)
+    # predict on the exported image files: numeric stems are the COCO image ids
+    images = sorted(str(path) for path in (data / "val").glob("*.png"))
+    predicted = tmp_path / "predicted"
+    for task in ("panoptic", "instance", "semantic"):
+        assert main(["predict", *images, "--checkpoint", str(checkpoint), "--task", task, "--out", str(predicted)]) == 0
+    assert "precision: fp32" in capsys.readouterr().out
+    third = tmp_path / "m3.json"
+    assert main(["evaluate", "--predictions", str(predicted), *dataset_args, "--out", str(third)]) == 0
+    predicted_metrics = json.loads(third.read_text())["metrics"]
+    assert predicted_metrics.keys() == metrics.keys()
+    for key, value in metrics.items():
+        assert predicted_metrics[key] == pytest.approx(value, abs=1e-6, nan_ok=True), key
+
+
+def test_predict_takes_image_ids_from_a_coco_json(checkpoint, image_file, tmp_path, capsys):
+    coco_json = tmp_path / "images.json"
+    coco_json.write_text(json.dumps({"images": [{"id": 42, "file_name": "val/scene.png"}], "categories": []}))
+    out = tmp_path / "out"
+    assert main(["predict", str(image_file), "--checkpoint", str(checkpoint), "--task", "instance", "--out", str(out),
+                 "--coco-json", str(coco_json)]) == 0
+    assert {result["image_id"] for result in json.loads((out / "instances.json").read_text())} == {42}
+    other = tmp_path / "other.png"
+    other.write_bytes(image_file.read_bytes())
+    assert main(["predict", str(other), "--checkpoint", str(checkpoint), "--coco-json", str(coco_json)]) == 1
+    error = capsys.readouterr().err
+    assert "images.json" in error and "'other.png'" in error

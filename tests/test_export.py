@@ -19,7 +19,7 @@ def scenes():
 
 def test_coco_panoptic_round_trip(tmp_path, scenes):
     written = export_fashion_scenes(tmp_path, "coco-panoptic", "val", 3, seed=4, image_size=(48, 64), source="subset")
-    dataset = CocoPanopticDataset(written["annotations"], written["images"])
+    dataset = CocoPanopticDataset(written["annotations"], written["images"], written["panoptic"])
     assert dataset.label_space == scenes.label_space and len(dataset) == 3
     for index in range(3):
         read, original = dataset[index], scenes[index]
@@ -75,3 +75,31 @@ def test_bad_format_and_overlapping_panoptic(tmp_path, scenes):
                    "iscrowd": torch.cat([sample["iscrowd"], sample["iscrowd"][:1]])}
     with pytest.raises(ValueError, match="segments of sample 0 overlap"):
         export_samples([overlapping], scenes.label_space, tmp_path)
+
+
+@pytest.mark.parametrize("format, dataset, layout", [
+    ("coco-panoptic", "coco_panoptic", ["annotations/panoptic_val.json", "annotations/instances_val.json",
+                                        "panoptic_val/000000000000.png", "val/000000000000.png"]),
+    ("coco-panoptic", "coco", ["annotations/instances_val.json"]),
+    ("coco-instance", "coco", ["annotations/instances_val.json", "val/000000000000.png"]),
+    ("semantic-png", "folder", ["classes.yaml", "images/val/000000000000.png", "labels/val/000000000000.png"]),
+])
+def test_data_root_alone_reads_every_export(tmp_path, scenes, format, dataset, layout):
+    """detectron2's layout per format, so ``data.root=DIR`` alone reads what ``data export`` wrote."""
+    from mask2former.config import load_config
+    from mask2former.train import build_dataset
+
+    export_fashion_scenes(tmp_path, format, "val", 3, seed=4, image_size=(48, 64), source="subset")
+    assert all((tmp_path / path).is_file() for path in layout)
+    config = load_config("fashion_scenes_lite0", [f"data.dataset={dataset}", f"data.root={tmp_path}"])
+    read, label_space = build_dataset(config, "val", train=False)
+    assert len(read) == 3
+    for index in range(3):
+        original = scenes[index]
+        keep = original["labels"] < 10 if dataset == "coco" else slice(None)  # coco: the thing segments only
+        assert torch.equal(read[index]["image"], original["image"])
+        if dataset == "folder":
+            assert torch.equal(read[index]["semantic"], original["semantic"])
+        else:
+            assert torch.equal(read[index]["masks"], original["masks"][keep])
+            assert read[index]["image_id"] == original["image_id"]

@@ -3,7 +3,7 @@ import pytest
 from PIL import Image
 
 from mask2former.data.formats.ade20k import ADE20KDataset, ade20k_label_space
-from mask2former.data.label_space import LabelSpace
+from mask2former.data.label_space import LabelSpace, builtin_label_space
 
 RAW = np.array([[0, 1, 150, 150], [255, 2, 1, 1], [3, 3, 0, 2]], dtype=np.uint8)
 
@@ -64,13 +64,26 @@ def test_value_outside_label_space_is_an_error(tmp_path):
         dataset[0]
 
 
-def test_object_info_names(tmp_path):
+def test_default_label_space_is_the_builtin_table(tmp_path):
+    # As the reference (detectron2's ADE20K_SEM_SEG_CATEGORIES): the 150-class objectInfo150.txt's synonym lists
+    # are not used.
     root = write_fixture(tmp_path)
     lines = ["Idx\tRatio\tTrain\tVal\tName"] + [f"{i}\t0.1\t1\t1\tname{i};alias" for i in range(1, 151)]
     (root / "objectInfo150.txt").write_text("\n".join(lines) + "\n")
-    dataset = ADE20KDataset(root)
-    assert dataset.label_space.names[:2] == ["name1;alias", "name2;alias"] and dataset.label_space.num_classes == 150
-    assert dataset.label_space.dataset_ids[0] == 1 and not any(dataset.label_space.is_thing)
+    space = ADE20KDataset(root).label_space
+    assert space == builtin_label_space("ade20k")
+    assert space.names[:3] == ["wall", "building", "sky"] and space.dataset_ids[0] == 1 and not any(space.is_thing)
+    unreduced = ade20k_label_space(reduce_zero_label=False)
+    assert unreduced.names == space.names and unreduced.dataset_ids == list(range(150))
+    assert ade20k_label_space(num_classes=3).names == ["class_0", "class_1", "class_2"]
+
+
+def test_object_info_names_of_another_class_count(tmp_path):
+    root = write_fixture(tmp_path, raw=np.array([[0, 1], [2, 3]], dtype=np.uint8))
+    (root / "objectInfo150.txt").write_text("Idx\tRatio\tTrain\tVal\tName\n1\t0.1\t1\t1\tshirt\n"
+                                            "2\t0.1\t1\t1\tbag\n3\t0.1\t1\t1\tgrass\n")
+    space = ADE20KDataset(root).label_space
+    assert space.names == ["shirt", "bag", "grass"] and space.dataset_ids == [1, 2, 3] and not any(space.is_thing)
 
 
 def test_label_size_mismatch(tmp_path):

@@ -2,7 +2,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mask2former.data.formats.cityscapes import LABELS, CityscapesDataset, cityscapes_label_space
+from mask2former.data.formats.cityscapes import (
+    NUM_LABEL_IDS,
+    CityscapesDataset,
+    cityscapes_label_space,
+    label_id_to_train_id_table,
+)
 
 STEM = "aachen_000000_000019"
 INSTANCE_IDS = np.array([
@@ -26,14 +31,17 @@ def write_fixture(tmp_path, suffix, label, image_shape=None, split="train", city
 def test_table_matches_cityscapesscripts():
     labels_module = pytest.importorskip("cityscapesscripts.helpers.labels")
     oracle = {label.id: label for label in labels_module.labels if label.id >= 0}
-    assert sorted(oracle) == [label.label_id for label in LABELS] == list(range(34))
-    for label in LABELS:
-        reference = oracle[label.label_id]
-        assert label.name == reference.name
-        assert label.train_id == reference.trainId
-        assert label.has_instances == reference.hasInstances
-        assert label.color == reference.color
-        assert (label.train_id == 255) == reference.ignoreInEval
+    assert sorted(oracle) == list(range(NUM_LABEL_IDS))
+    table = label_id_to_train_id_table()
+    for label_id, reference in oracle.items():
+        assert table[label_id] == reference.trainId, reference.name
+        assert (table[label_id] == 255) == reference.ignoreInEval
+    space = cityscapes_label_space()
+    for train_id in range(space.num_classes):
+        reference = oracle[space.to_dataset(train_id)]
+        assert reference.trainId == train_id
+        assert (space.names[train_id], space.is_thing[train_id], space.colors[train_id]) == (
+            reference.name, reference.hasInstances, reference.color)
 
 
 def test_label_space_is_the_19_train_classes():

@@ -126,7 +126,9 @@ def write_pkl(path, state: dict) -> str:
 
 
 def write_preset(path, config: ModelConfig) -> str:
-    path.write_text(yaml.safe_dump({"model": to_dict(config)}))
+    # test: the preset's semantic post-processing order, which the converter copies into the model config.
+    test = {"semantic_postprocess_before_inference": config.semantic_postprocess_before_inference}
+    path.write_text(yaml.safe_dump({"model": to_dict(config), "test": test}))
     return str(path)
 
 

@@ -131,3 +131,47 @@ def test_inference_path_without_aux_outputs_gives_the_same_final_prediction(deco
     assert fast.aux_outputs == []
     torch.testing.assert_close(fast.pred_logits, full.pred_logits, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(fast.pred_masks, full.pred_masks, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backbone", ["swin_tiny", "resnet50"])
+def test_forward_pads_to_size_divisibility_like_a_hand_padded_input(backbone):
+    """detectron2 pads the normalised batch with zeros to multiples of 32 before the backbone; forward does the
+    same, so a 113x120 input gives exactly the prediction of its hand-padded 128x128 version."""
+    config = tiny_swin_config() if backbone == "swin_tiny" else tiny_swin_config(backbone=BackboneConfig(name=backbone))
+    model = Mask2Former(config).eval()
+    images = torch.randn(2, 3, 113, 120)
+    padded = torch.zeros(2, 3, 128, 128)
+    padded[:, :, :113, :120] = images
+    with torch.no_grad():
+        out = model(images, aux_outputs=False)
+        ref = model(padded, aux_outputs=False)
+    assert out.image_size == (113, 120) and out.padded_size == (128, 128)
+    assert ref.image_size == (128, 128) and ref.padded_size == (128, 128)  # already divisible: used as is
+    assert out.pred_masks.shape == ref.pred_masks.shape == (2, 10, 32, 32)
+    torch.testing.assert_close(out.pred_logits, ref.pred_logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.pred_masks, ref.pred_masks, atol=1e-5, rtol=1e-5)
+
+    from mask2former.inference.postprocess import batch_postprocess
+
+    # Post-processing crops the valid region (113x120 of 128x128) the output reports.
+    semantic = batch_postprocess(out, [out.image_size] * 2, None, "semantic", return_semantic_scores=True)
+    expected = batch_postprocess(ref, [(113, 120)] * 2, None, "semantic", padded_size=(128, 128),
+                                 return_semantic_scores=True)
+    assert semantic[0].shape == (5, 113, 120)
+    torch.testing.assert_close(semantic[0], expected[0], atol=1e-5, rtol=1e-5)
+
+
+def test_forward_rejects_a_batch_that_is_not_bchw():
+    model = Mask2Former(tiny_swin_config()).eval()
+    with pytest.raises(ValueError, match=r"\[B, 3, H, W\]"):
+        model(torch.randn(3, 64, 64))
+
+
+def test_forward_pads_under_torch_compile():
+    model = Mask2Former(tiny_swin_config()).eval()
+    images = torch.randn(1, 3, 50, 70)
+    with torch.no_grad():
+        eager = model(images, aux_outputs=False)
+        compiled = torch.compile(model, backend="eager", fullgraph=False)(images, aux_outputs=False)
+    assert compiled.padded_size == (64, 96) and compiled.image_size == (50, 70)
+    torch.testing.assert_close(compiled.pred_masks, eager.pred_masks, atol=1e-5, rtol=1e-5)

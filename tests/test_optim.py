@@ -37,8 +37,8 @@ def test_parameter_settings_hand_checked(swin_model):
         "backbone.body.layers.0.blocks.0.attn.qkv.bias": (backbone, 0.05),
         "backbone.body.patch_embed.proj.weight": (backbone, 0.05),
         "backbone.body.norms.3.weight": (backbone, 0.0),
-        # Pixel decoder: level_embed (an nn.Parameter) and GroupNorm/LayerNorm exempt.
-        "pixel_decoder.level_embed": (head, 0.0),
+        # Pixel decoder: level_embed is a plain nn.Parameter, decayed as in the reference; GroupNorm/LayerNorm exempt.
+        "pixel_decoder.level_embed": (head, 0.05),
         "pixel_decoder.input_proj.0.1.weight": (head, 0.0),  # GroupNorm
         "pixel_decoder.input_proj.0.0.weight": (head, 0.05),  # the 1x1 conv
         "pixel_decoder.encoder.0.norm1.weight": (head, 0.0),
@@ -65,6 +65,50 @@ def test_param_groups_by_lr_and_decay(swin_model):
     optimizer = build_optimizer(swin_model, SolverConfig(betas=(0.8, 0.95)))
     assert isinstance(optimizer, torch.optim.AdamW)
     assert all(group["betas"] == (0.8, 0.95) for group in optimizer.param_groups)
+
+
+def test_weight_decay_classes_follow_the_reference(swin_model):
+    """The reference's build_optimizer with distinct values per class: Swin position tables get 0.0 outright, norms
+    weight_decay_norm, nn.Embedding modules weight_decay_embed, every other parameter (the pixel decoder's
+    level_embed included) weight_decay."""
+    solver = SolverConfig(weight_decay=0.05, weight_decay_norm=0.01, weight_decay_embed=0.02)
+    settings = {name: wd for name, (_, wd) in parameter_settings(swin_model, solver).items()}
+    expected = {
+        "backbone.body.layers.0.blocks.0.attn.relative_position_bias_table": 0.0,
+        "backbone.body.layers.0.blocks.0.norm1.weight": 0.01,
+        "backbone.body.layers.0.blocks.0.mlp.fc1.weight": 0.05,
+        "pixel_decoder.level_embed": 0.05,
+        "pixel_decoder.input_proj.0.1.bias": 0.01,
+        "pixel_decoder.encoder.0.linear1.weight": 0.05,
+        "pixel_decoder.encoder.0.norm2.bias": 0.01,
+        "pixel_decoder.mask_features.bias": 0.05,
+        "transformer_decoder.query_feat.weight": 0.02,
+        "transformer_decoder.query_embed.weight": 0.02,
+        "transformer_decoder.level_embed.weight": 0.02,
+        "transformer_decoder.heads.decoder_norm.bias": 0.01,
+        "transformer_decoder.layers.0.cross_attn.in_proj_bias": 0.05,
+    }
+    for name, value in expected.items():
+        assert settings[name] == pytest.approx(value), name
+    # Only those three classes leave the default, by module type or (position tables) by name.
+    modules = dict(swin_model.named_modules())
+    for name, value in settings.items():
+        owner = modules[name.rpartition(".")[0]]
+        if isinstance(owner, (nn.LayerNorm, nn.GroupNorm)):
+            assert value == pytest.approx(0.01), name
+        elif isinstance(owner, nn.Embedding):
+            assert value == pytest.approx(0.02), name
+        elif "relative_position_bias_table" not in name:
+            assert value == pytest.approx(0.05), name
+
+    class WithAbsolutePosition(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.absolute_pos_embed = nn.Parameter(torch.zeros(1, 4, 2))
+            self.label_embed = nn.Embedding(3, 2)
+
+    assert parameter_settings(WithAbsolutePosition(), solver) == {
+        "absolute_pos_embed": (BASE, 0.0), "label_embed.weight": (BASE, 0.02)}
 
 
 def test_batchnorm_exempt_and_frozen_bn_has_no_parameters():

@@ -310,3 +310,114 @@ def test_batch_postprocess_accepts_output_objects_and_rejects_bad_input():
     with pytest.raises(ValueError, match="is_thing has 2 entries"):
         panoptic_inference(torch.zeros(2, NUM_CLASSES + 1), torch.zeros(2, 4, 4), [True, False])
     assert math.isfinite(float(semantic_inference(torch.zeros(2, 4), torch.zeros(2, 3, 3)).sum()))
+
+
+# ---------------------------------------------------------------- semantic order (reference: maskformer_model.py)
+
+
+def _order_case():
+    """Query 0 is class A with mask logits [10, -2], query 1 class B with [0.5, 0.5], on a 1x2 grid resized to 1x3:
+    the middle output pixel is the average of its two neighbours. Resizing logits first gives A there
+    (sigmoid(4) = 0.982 > sigmoid(0.5) = 0.622); resizing the scores after gives B ((sigmoid(10) + sigmoid(-2)) / 2
+    = 0.560 < 0.622)."""
+    cls = class_logits([(0, 1.0 - 1e-6), (1, 1.0 - 1e-6)])
+    masks = torch.tensor([[[10.0, -2.0]], [[0.5, 0.5]]])
+    return {"pred_logits": cls[None], "pred_masks": masks[None]}
+
+
+def _sigmoid(x):
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+@pytest.mark.parametrize("before", [True, False])
+def test_semantic_order_known_answer(before):
+    outputs = _order_case()
+    kwargs = dict(padded_size=(1, 2), semantic_postprocess_before_inference=before)
+    scores = batch_postprocess(outputs, [(1, 2)], [(1, 3)], "semantic", return_semantic_scores=True, **kwargs)[0]
+    labels = batch_postprocess(outputs, [(1, 2)], [(1, 3)], "semantic", **kwargs)[0]
+    middle_a = _sigmoid(4.0) if before else (_sigmoid(10.0) + _sigmoid(-2.0)) / 2
+    expected = torch.tensor([[[_sigmoid(10.0), middle_a, _sigmoid(-2.0)]], [[_sigmoid(0.5)] * 3]])
+    torch.testing.assert_close(scores[:2], expected, atol=1e-5, rtol=0)
+    assert labels.tolist() == ([[0, 0, 1]] if before else [[0, 1, 1]])
+
+
+def test_semantic_before_inference_equals_the_reference_order_on_random_logits():
+    """The original with PANOPTIC_ON / INSTANCE_ON: logits upsampled to the padded size, cropped, resized to the
+    output size, then sum_q softmax * sigmoid; written out here with plain torch calls."""
+    torch.manual_seed(3)
+    cls, masks = torch.randn(1, 6, NUM_CLASSES + 1) * 3, torch.randn(1, 6, 8, 10) * 4
+    image_size, output_size = (27, 38), (41, 57)
+    ours = batch_postprocess({"pred_logits": cls, "pred_masks": masks}, [image_size], [output_size], "semantic",
+                             semantic_postprocess_before_inference=True, return_semantic_scores=True)[0]
+    logits = F.interpolate(masks, size=(32, 40), mode="bilinear", align_corners=False)[:, :, :27, :38]
+    logits = F.interpolate(logits, size=output_size, mode="bilinear", align_corners=False)[0]
+    expected = torch.einsum("qc,qhw->chw", cls[0].softmax(-1)[:, :-1], logits.sigmoid())
+    torch.testing.assert_close(ours, expected, atol=1e-6, rtol=1e-6)
+    after = batch_postprocess({"pred_logits": cls, "pred_masks": masks}, [image_size], [output_size], "semantic",
+                              return_semantic_scores=True)[0]
+    assert (after - expected).abs().max() > 1e-3  # the other order is measurably different
+
+
+def test_batch_postprocess_reads_padded_size_from_the_outputs():
+    torch.manual_seed(4)
+    masks, cls = torch.randn(1, 3, 8, 8), torch.randn(1, 3, NUM_CLASSES + 1)
+    # padded_size says the network ran on 40x40 (not 4 x 8 = 32): the crop must use it.
+    outputs = {"pred_logits": cls, "pred_masks": masks, "padded_size": (40, 40)}
+    got = batch_postprocess(outputs, [(30, 35)], [(15, 20)], "instance", top_k=5)[0]
+    expected = instance_inference(cls[0], resize_mask_logits(masks[0], (40, 40), (30, 35), (15, 20)), None, 5)
+    assert torch.equal(got["masks"], expected["masks"])
+
+
+# ---------------------------------------------------------------- which order, from the configuration
+
+
+def test_presets_follow_the_reference_rule():
+    from mask2former.config import PRESET_DIR, TestConfig, load_config
+
+    for path in sorted(PRESET_DIR.glob("[a-z]*.yaml")):
+        test = load_config(path.stem).test
+        # The reference: SEM_SEG_POSTPROCESSING_BEFORE_INFERENCE (never set in its configs) or PANOPTIC_ON or
+        # INSTANCE_ON; its panoptic and instance configs turn those on, its semantic configs do not.
+        assert test.semantic_postprocess_before_inference is (test.task != "semantic"), path.stem
+    assert TestConfig(task="panoptic").semantic_before_inference() is True
+    assert TestConfig(task="instance").semantic_before_inference() is True
+    assert TestConfig(task="semantic").semantic_before_inference() is False
+    assert TestConfig(task="panoptic", semantic_postprocess_before_inference=False).semantic_before_inference() is False
+
+
+def test_predictor_uses_the_order_the_model_was_built_with(tmp_path):
+    import dataclasses
+
+    from conftest import tiny_swin_config
+    from mask2former.config import load_config
+    from mask2former.inference.predictor import Predictor, resize_shortest_edge
+    from mask2former.modeling.model import Mask2Former
+    from mask2former.train import build_model
+
+    image = torch.randint(0, 256, (3, 45, 70), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    for preset in ("coco_panoptic_r50", "ade20k_semantic_r50"):
+        config = load_config(preset)
+        config = dataclasses.replace(config, model=tiny_swin_config())
+        torch.manual_seed(0)
+        model = build_model(config).eval()
+        before = preset.startswith("coco")
+        assert model.config.semantic_postprocess_before_inference is before
+        model.save_pretrained(tmp_path / preset)  # the checkpoint carries it
+        loaded = Mask2Former.from_pretrained(tmp_path / preset)
+        assert loaded.config.semantic_postprocess_before_inference is before
+        # 45x70 is run at 64x100 (padded 64x128); the result is at 45x70, so the two orders differ.
+        got = Predictor(loaded, task="semantic", min_size=64, max_size=1000)(image)
+        with torch.no_grad():
+            resized = resize_shortest_edge(image, 64, 1000)
+            outputs = loaded(loaded.normalize(resized[None]), aux_outputs=False)
+        assert outputs.image_size == (64, 100) and outputs.padded_size == (64, 128)
+        scores = {
+            order: batch_postprocess(outputs, [(64, 100)], [(45, 70)], "semantic", return_semantic_scores=True,
+                                     semantic_postprocess_before_inference=order)[0]
+            for order in (True, False)
+        }
+        assert torch.equal(got, scores[before].argmax(0))
+        assert (scores[True] - scores[False]).abs().max() > 1e-4
+    # An explicit argument overrides the model's choice.
+    forced = Predictor(loaded, task="semantic", min_size=64, max_size=1000, semantic_postprocess_before_inference=True)
+    assert forced.postprocess_options["semantic_postprocess_before_inference"] is True

@@ -46,7 +46,7 @@ def _confident_classes(module, inputs, output):
 
 
 def make_model() -> Mask2Former:
-    torch.manual_seed(0)
+    torch.manual_seed(1)  # a seed whose random model gives several panoptic segments
     model = Mask2Former(tiny_swin_config(num_classes=LABELS.num_classes), labels=LABELS.to_dict()).eval()
     model.transformer_decoder.heads.class_embed.register_forward_hook(_confident_classes)
     return model

@@ -51,7 +51,7 @@ def test_builders_follow_the_config():
     assert criterion.num_classes == 13 and criterion.matcher.num_points == 64
     semantic = load_config("ade20k_semantic_r50", ["data.crop_size=[512,1024]"])
     names = [type(t).__name__ for t in build_train_transforms(semantic.data).transforms]
-    assert names == ["ResizeShortestEdge", "RandomCrop", "ColorJitter", "RandomHorizontalFlip"]
+    assert names == ["ResizeShortestEdge", "RandomCrop", "ColorAugSSD", "RandomHorizontalFlip", "PadToSize"]
     with pytest.raises(ValueError, match="square"):
         build_train_transforms(load_config("coco_panoptic_r50", ["data.crop_size=[512,1024]"]).data)
     with pytest.raises(ValueError, match="data.root is empty"):

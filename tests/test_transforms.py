@@ -44,6 +44,9 @@ def test_shortest_edge_size_by_hand():
     assert shortest_edge_size(480, 640, 800, 1333) == (800, 1067)
     assert shortest_edge_size(100, 1000, 200, 1000) == (100, 1000)  # long side capped
     assert shortest_edge_size(640, 480, 240, 10_000) == (320, 240)
+    # detectron2: short side exactly ``size``, long side ``scale * w``; both rescaled by max_size / longest
+    assert shortest_edge_size(333, 500, 512, 2048) == (512, int(512 / 333 * 500 + 0.5))
+    assert shortest_edge_size(300, 1000, 400, 1000) == (300, 1000)
 
 
 def test_resize_shortest_edge_moves_everything_together():
@@ -54,10 +57,9 @@ def test_resize_shortest_edge_moves_everything_together():
     assert out["labels"].tolist() == [3, 1, 4, 0] and out["orig_size"] == (40, 60)
     # nearest (pixel centre) for labels: output pixel (r, c) samples input (2r + 1, 2c + 1) -> quadrant unchanged
     assert out["semantic"][9, 14].item() == 3 and out["semantic"][10, 15].item() == 0
-    # image: close to PIL's antialiased bilinear
+    # image: PIL's antialiased bilinear, exactly (detectron2 resizes uint8 images with PIL)
     reference = np.asarray(Image.fromarray(sample["image"].permute(1, 2, 0).numpy()).resize((30, 20), Image.BILINEAR))
-    difference = np.abs(out["image"].permute(1, 2, 0).numpy().astype(int) - reference.astype(int))
-    assert difference.max() <= 2
+    assert np.array_equal(out["image"].permute(1, 2, 0).numpy(), reference)
 
 
 def test_resize_range_style_and_choice():
@@ -150,9 +152,9 @@ def test_empty_masks_after_crop_dropped_or_kept():
 def test_lsj_fixed_scale_pads_by_hand():
     sample = coordinate_sample(100, 200)
     out = LargeScaleJitter(image_size=64, min_scale=0.5, max_scale=0.5)(sample)
-    # target 32 -> scale min(32/100, 32/200) = 0.16 -> 16x32, no crop, padded to 64x64
+    # target 32 -> scale min(32/100, 32/200) = 0.16 -> 16x32, no crop, padded to 64x64 with 128 (FixedSizeCrop)
     assert tuple(out["image"].shape) == (3, 64, 64)
-    assert bool((out["image"][:, 16:, :] == 0).all()) and bool((out["image"][:, :, 32:] == 0).all())
+    assert bool((out["image"][:, 16:, :] == 128).all()) and bool((out["image"][:, :, 32:] == 128).all())
     assert bool((out["semantic"][16:, :] == 255).all()) and bool((out["semantic"][:, 32:] == 255).all())
     assert not out["masks"][:, 16:, :].any() and not out["masks"][:, :, 32:].any()
     assert bool((out["semantic"][:16, :32] != 255).all())

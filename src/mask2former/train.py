@@ -20,14 +20,20 @@ logger = logging.getLogger("mask2former.train")
 DATASETS = ("fashion_scenes", "coco", "coco_panoptic", "ade20k", "cityscapes", "folder")
 
 
-def build_train_transforms(data: DataConfig) -> Callable | None:
-    """The ``data.augmentation`` recipe: ``lsj`` (COCO: flip + large-scale jitter to a square ``crop_size``),
-    ``semantic`` (ADE20K/Cityscapes: short side in ``{base * s}``, s from ``min_scale`` to ``max_scale`` by 0.1,
-    base = the longer crop side; ``crop_size`` crop; colour jitter; flip), ``crop`` (a random ``crop_size`` window at
-    the original scale: cheaper steps on the same objects) or ``none``."""
+def build_train_transforms(data: DataConfig, task: str = "panoptic") -> Callable | None:
+    """The ``data.augmentation`` recipe, as Mask2Former's data set mappers: ``lsj`` (COCO: flip + large-scale jitter
+    to a square ``crop_size``, padding 128), ``semantic`` (ADE20K/Cityscapes: short side chosen from
+    ``int(x * 0.1 * base)``, x from ``min_scale*10`` to ``max_scale*10``, base = the longer crop side, long side at most
+    4 x base; ``crop_size`` crop; SSD colour augmentation; flip; ADE20K then pads to the crop size with 128),
+    ``crop`` (a random ``crop_size`` window at the original scale: cheaper steps on the same objects) or ``none``.
+
+    ``task`` (``test.task``) picks the mapper's label handling: panoptic targets keep segments a crop emptied and are
+    resized with PIL nearest; instance targets drop them; semantic targets drop them and the semantic map is resized
+    with torch nearest (the reference resizes the float semantic map with ``F.interpolate``)."""
     from .data import transforms as T
 
     crop_height, crop_width = data.crop_size
+    panoptic = task == "panoptic" and data.dataset != "ade20k"  # ADE20K here is semantic data only
     if data.augmentation == "none":
         return None
     if data.augmentation == "crop":
@@ -35,17 +41,12 @@ def build_train_transforms(data: DataConfig) -> Callable | None:
     if data.augmentation == "lsj":
         if crop_height != crop_width:
             raise ValueError(f"data.augmentation=lsj needs a square data.crop_size, got {list(data.crop_size)}")
-        return T.lsj_train_transforms(crop_height, data.min_scale, data.max_scale)
+        return T.lsj_train_transforms(crop_height, data.min_scale, data.max_scale, drop_empty=not panoptic)
     if data.augmentation == "semantic":
-        base = max(crop_height, crop_width)
-        steps = int(round((data.max_scale - data.min_scale) * 10))
-        lengths = sorted({int(base * (data.min_scale + 0.1 * step)) for step in range(steps + 1)})
-        return T.Compose([
-            T.ResizeShortestEdge(lengths, max_size=4 * base, sample_style="choice"),
-            T.RandomCrop((crop_height, crop_width)),
-            T.ColorJitter(),
-            T.RandomHorizontalFlip(),
-        ])
+        return T.semantic_train_transforms(
+            (crop_height, crop_width), data.min_scale, data.max_scale, color_aug=True,
+            pad_to_crop=data.dataset == "ade20k",  # the reference's INPUT.SIZE_DIVISIBILITY: crop size on ADE20K only
+            drop_empty=not panoptic, label_resize="pil" if panoptic else "torch")
     raise ValueError(f"data.augmentation must be lsj, semantic, crop or none, got {data.augmentation!r}")
 
 
@@ -59,7 +60,7 @@ def build_dataset(config: Config, split: str, train: bool) -> tuple[Any, Any]:
     under ``data.root``; ``data.extra`` may override them per split: ``{train,val}_annotations``,
     ``{train,val}_images``, ``{train,val}_panoptic``."""
     data = config.data
-    transforms = build_train_transforms(data) if train else None
+    transforms = build_train_transforms(data, config.test.task) if train else None
     role = "train" if train else "val"
     if data.dataset not in DATASETS:
         raise ValueError(f"data.dataset must be one of {', '.join(DATASETS)}, got {data.dataset!r}")
@@ -130,7 +131,21 @@ def build_model(config: Config, label_space: Any = None) -> nn.Module:
     if config.mask_piloting.enabled and not model_config.mask_piloting:
         # MP-Former's piloting queries need their label embedding (a training-only parameter).
         model_config = dataclasses.replace(model_config, mask_piloting=True)
+    # The reference's semantic post-processing order follows the tasks the model is trained for; saved with it.
+    model_config = dataclasses.replace(
+        model_config, semantic_postprocess_before_inference=config.test.semantic_before_inference()
+    )
     return Mask2Former(model_config, labels=labels)
+
+
+def check_backbone_weights(config: Config) -> None:
+    """Refuse to train from a random backbone by accident: a config whose backbone is ``pretrained`` from a
+    ``weights`` file (the reference presets) needs that file; ``model.backbone.pretrained=false`` trains without."""
+    backbone = config.model.backbone
+    if backbone.pretrained and backbone.weights:
+        from .interop.backbone_weights import require_weights
+
+        require_weights(backbone.weights)
 
 
 def build_criterion(config: Config, num_classes: int) -> nn.Module:
@@ -180,6 +195,7 @@ def run_train(config: Config, resume: bool = False) -> dict[str, Any]:
     from .training import distributed as dist_utils
     from .training.trainer import Trainer, seed_everything
 
+    check_backbone_weights(config)
     train_dataset, val_dataset, label_space = build_datasets(config)
     if config.model.num_classes != label_space.num_classes:
         logger.info("model.num_classes %d -> %d (the classes of %s)", config.model.num_classes,
@@ -194,6 +210,8 @@ def run_train(config: Config, resume: bool = False) -> dict[str, Any]:
     evaluate_fn = build_evaluate_fn(config, label_space) if val_dataset is not None else None
     trainer = Trainer(config, model, train_dataset, val_dataset, label_space, criterion=criterion,
                       evaluate_fn=evaluate_fn)
+    if trainer.is_main:  # where the backbone's weights came from (or that it starts random)
+        print(getattr(model.backbone, "weights_report", ""), flush=True)
     try:
         result = trainer.fit(resume=resume)
         if trainer.is_main:

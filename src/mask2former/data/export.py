@@ -1,12 +1,14 @@
 """Writing samples to real on-disk formats: COCO panoptic, COCO instances (RLE) and semantic PNG folders.
 
-Layouts under ``out_dir`` (images are written as lossless PNGs so a read-back is bit-identical):
-- ``"coco-panoptic"``: ``images/<split>/``, ``panoptic_<split>/*.png``, ``panoptic_<split>.json``
-  (read with ``CocoPanopticDataset(out/panoptic_<split>.json, out/images/<split>)``);
-- ``"coco-instance"``: ``images/<split>/``, ``instances_<split>.json`` with thing classes only
-  (read with ``CocoInstanceDataset(out/instances_<split>.json, out/images/<split>)``);
-- ``"semantic-png"``: ``images/<split>/``, ``labels/<split>/*.png`` (contiguous ids, ``ignore_index`` unlabelled) and
-  ``classes.yaml`` (read with ``FolderDataset(out, split)``).
+Layouts under ``out_dir`` are detectron2's, so ``data.root=out_dir`` alone reads them back (images are lossless PNGs,
+so a read-back is bit-identical):
+- ``"coco-panoptic"``: ``<split>/`` images, ``annotations/panoptic_<split>.json`` + ``panoptic_<split>/*.png``, and
+  ``annotations/instances_<split>.json`` (the thing segments, as COCO ships both) -- ``data.dataset=coco_panoptic``
+  (or ``coco``);
+- ``"coco-instance"``: ``<split>/`` images and ``annotations/instances_<split>.json`` with thing classes only --
+  ``data.dataset=coco``;
+- ``"semantic-png"``: the ``folder`` format: ``images/<split>/``, ``labels/<split>/*.png`` (value = dataset id,
+  ``ignore_index`` unlabelled) and ``classes.yaml`` -- ``data.dataset=folder``.
 """
 
 from __future__ import annotations
@@ -26,8 +28,9 @@ FORMATS = ("coco-panoptic", "coco-instance", "semantic-png")
 
 
 def _stem(image_id: Any, split: str) -> str:
+    # COCO's naming (000000397133.jpg): the numeric stem is the image id, which ``predict`` uses as the id.
     if isinstance(image_id, (int, np.integer)):
-        return f"{split}_{int(image_id):06d}"
+        return f"{int(image_id):012d}"
     return str(image_id)
 
 
@@ -67,10 +70,11 @@ def export_samples(samples: Iterable[dict[str, Any]], label_space: LabelSpace, o
     if format not in FORMATS:
         raise ValueError(f"export: format must be one of {FORMATS}, got {format!r}")
     out_dir = Path(out_dir)
-    image_dir = out_dir / "images" / split
+    image_dir = out_dir / "images" / split if format == "semantic-png" else out_dir / split
     image_dir.mkdir(parents=True, exist_ok=True)
     images_json: list[dict[str, Any]] = []
     annotations_json: list[dict[str, Any]] = []
+    instances_json: list[dict[str, Any]] = []  # COCO instances (things): the coco-instance file, and beside panoptic
     panoptic_dir = out_dir / f"panoptic_{split}"
     label_dir = out_dir / "labels" / split
     next_annotation_id = 1  # pycocotools treats annotation id 0 as "unmatched"
@@ -102,37 +106,37 @@ def export_samples(samples: Iterable[dict[str, Any]], label_space: LabelSpace, o
             Image.fromarray(id_to_rgb(segment_map)).save(panoptic_dir / f"{stem}.png")
             annotations_json.append({"image_id": sample["image_id"], "file_name": f"{stem}.png",
                                      "segments_info": segments_info})
-        elif format == "coco-instance":
+        if format in ("coco-panoptic", "coco-instance"):
             for label, mask, crowd in zip(labels.tolist(), masks, iscrowd.tolist()):
                 if not label_space.is_thing[label]:
                     continue
                 rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-                annotations_json.append({
+                instances_json.append({
                     "id": next_annotation_id, "image_id": sample["image_id"],
                     "category_id": label_space.to_dataset(label),
                     "segmentation": {"size": [height, width], "counts": rle["counts"].decode("ascii")},
                     "area": int(mask.sum()), "bbox": _bbox(mask), "iscrowd": int(crowd),
                 })
                 next_annotation_id += 1
-        else:
+        if format == "semantic-png":
             semantic = sample["semantic"].numpy()
             dtype = np.uint8 if semantic.max(initial=0) < 256 else np.uint16
             label_dir.mkdir(parents=True, exist_ok=True)
             Image.fromarray(semantic.astype(dtype)).save(label_dir / f"{stem}.png")
 
     written: dict[str, Path] = {"images": image_dir}
+    if format in ("coco-panoptic", "coco-instance"):
+        path = out_dir / "annotations" / f"instances_{split}.json"
+        categories = [{key: category[key] for key in ("id", "name", "supercategory")}
+                      for category in label_space.to_coco_categories() if category["isthing"]]
+        _dump_json(path, {"images": images_json, "annotations": instances_json, "categories": categories})
+        written.update(annotations=path, instances=path)
     if format == "coco-panoptic":
-        path = out_dir / f"panoptic_{split}.json"
+        path = out_dir / "annotations" / f"panoptic_{split}.json"
         _dump_json(path, {"images": images_json, "annotations": annotations_json,
                           "categories": label_space.to_coco_categories()})
         written.update(annotations=path, panoptic=panoptic_dir)
-    elif format == "coco-instance":
-        path = out_dir / f"instances_{split}.json"
-        categories = [{key: category[key] for key in ("id", "name", "supercategory")}
-                      for category in label_space.to_coco_categories() if category["isthing"]]
-        _dump_json(path, {"images": images_json, "annotations": annotations_json, "categories": categories})
-        written.update(annotations=path)
-    else:
+    elif format == "semantic-png":
         path = out_dir / "classes.yaml"
         LabelSpace(names=label_space.names, is_thing=label_space.is_thing, ignore_index=label_space.ignore_index,
                    colors=label_space.colors).to_yaml(path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import colorsys
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -186,20 +187,28 @@ class LabelSpace:
     def from_coco_categories(cls, categories: Sequence[dict[str, Any]], ignore_index: int = 255,
                              where: str = "") -> "LabelSpace":
         """From a COCO ``categories`` list (``id``, ``name``, optional ``isthing`` (default 1) and ``color``),
-        in ascending id order as detectron2 does."""
+        in ascending id order as detectron2 does. Without colours, a built-in table with the same ids and names
+        (COCO's 80 or 133 classes) gives them; else ``default_colors``."""
         prefix = f"{where}: " if where else ""
         for category in categories:
             if "id" not in category or "name" not in category:
                 raise ValueError(f"{prefix}category without 'id' or 'name': {category!r}")
         ordered = sorted(categories, key=lambda category: category["id"])
-        has_colors = all("color" in category for category in ordered)
+        names = [str(category["name"]) for category in ordered]
+        dataset_ids = [category["id"] for category in ordered]
+        colors = [category["color"] for category in ordered] if all("color" in c for c in ordered) else None
+        if colors is None:
+            # COCO's instances_*.json has no colours: the known COCO classes take detectron2's (the built-in table).
+            known = match_builtin_names(names)
+            if known is not None and _builtin_dict(known)["dataset_ids"] == dataset_ids:
+                colors = _builtin_dict(known)["colors"]
         try:
             return cls(
-                names=[str(category["name"]) for category in ordered],
+                names=names,
                 is_thing=[bool(category.get("isthing", 1)) for category in ordered],
-                dataset_ids=[category["id"] for category in ordered],
+                dataset_ids=dataset_ids,
                 ignore_index=ignore_index,
-                colors=[category["color"] for category in ordered] if has_colors else None,
+                colors=colors,
             )
         except ValueError as error:
             raise ValueError(f"{prefix}{error}") from None
@@ -272,6 +281,63 @@ class LabelSpace:
     def __repr__(self) -> str:
         return (f"LabelSpace(num_classes={self.num_classes}, things={len(self.thing_ids)}, "
                 f"stuff={len(self.stuff_ids)}, ignore_index={self.ignore_index})")
+
+
+# ------------------------------------------------------------------------------------------------- built-in tables
+# The reference data sets' label spaces, as YAML tables shipped in the package (label_spaces/*.yaml).
+_BUILTIN_DIR = Path(__file__).with_name("label_spaces")
+BUILTIN_LABEL_SPACES = ("coco_panoptic", "coco_instance", "ade20k", "cityscapes")
+# config.data.dataset -> the built-in label space its files use.
+DATASET_LABEL_SPACES = {"coco_panoptic": "coco_panoptic", "coco": "coco_instance", "ade20k": "ade20k",
+                        "cityscapes": "cityscapes"}
+
+
+@lru_cache(maxsize=None)
+def _builtin_dict(name: str) -> dict[str, Any]:
+    if name == "coco_instance":
+        # COCO instance segmentation is the 80 thing classes of the panoptic table (same ids, names, colours).
+        panoptic = _builtin_dict("coco_panoptic")
+        keep = [index for index, flag in enumerate(panoptic["is_thing"]) if flag]
+        return {key: [panoptic[key][i] for i in keep] if isinstance(panoptic[key], list) else panoptic[key]
+                for key in panoptic}
+    return LabelSpace.from_yaml(_BUILTIN_DIR / f"{name}.yaml").to_dict()
+
+
+def builtin_label_space(name: str) -> LabelSpace:
+    """A reference data set's label space: ``coco_panoptic`` (133 classes, 80 things, COCO category ids),
+    ``coco_instance`` (its 80 things), ``ade20k`` (150 stuff classes, ids = raw PNG values 1..150) or
+    ``cityscapes`` (19 train classes, 8 things, ids = official label ids). A new object on each call."""
+    if name not in BUILTIN_LABEL_SPACES:
+        raise ValueError(f"unknown built-in label space {name!r} (known: {', '.join(BUILTIN_LABEL_SPACES)})")
+    return LabelSpace.from_dict(_builtin_dict(name))
+
+
+def dataset_label_space(dataset: str) -> LabelSpace | None:
+    """The label space a ``data.dataset`` kind implies on its own; None where it comes from the files
+    (``folder``) or the kind is unknown."""
+    if dataset == "fashion_scenes":
+        from .fashion_scenes import fashion_scenes_label_space
+
+        return fashion_scenes_label_space()
+    name = DATASET_LABEL_SPACES.get(dataset)
+    return builtin_label_space(name) if name is not None else None
+
+
+def config_label_space(config: Any) -> LabelSpace | None:
+    """A :class:`~mask2former.config.Config`'s label space: ``config.labels`` when given, else the one its
+    ``data.dataset`` implies (so the ``coco_*``, ``ade20k_*`` and ``cityscapes_*`` presets carry theirs)."""
+    if config.labels is not None:
+        return LabelSpace.from_dict(config.labels)
+    return dataset_label_space(config.data.dataset)
+
+
+def match_builtin_names(names: Sequence[str]) -> str | None:
+    """The built-in label space whose class names are exactly ``names``, in order; None if none is."""
+    names = list(names)
+    for name in BUILTIN_LABEL_SPACES:
+        if _builtin_dict(name)["names"] == names:
+            return name
+    return None
 
 
 def _short_list(values: Sequence[int], limit: int = 12) -> str:

@@ -1,23 +1,33 @@
 """Sample-level augmentations that move the image, the masks and the semantic map together.
 
-Every transform takes and returns the sample dict of INTERFACES.md. Geometry uses torchvision transforms v2 kernels
-on ``tv_tensors`` (bilinear + antialias for the image, pixel-centre nearest for masks and the semantic map, like
-PIL's NEAREST in detectron2); photometric transforms touch only the image. Randomness comes from torch's global RNG
-(seed it, or let the DataLoader seed each worker).
+Every transform takes and returns the sample dict of INTERFACES.md. Resizes are detectron2's: the uint8 image goes
+through PIL's BILINEAR (antialiased when shrinking), label maps through a nearest lookup that is either PIL's NEAREST
+(``label_resize="pil"``: detectron2 resizes uint8 label images, the panoptic PNGs, with PIL) or torch's legacy
+``F.interpolate(mode="nearest")`` (``label_resize="torch"``: what detectron2 does to the float semantic maps of
+Mask2Former's semantic mapper). Both lookups are separable index maps taken from the library itself, so they are
+exact. Photometric transforms touch only the image. Randomness comes from torch's global RNG (``ColorAugSSD``: Python's
+``random``, like the reference); seed it, or let the DataLoader seed each worker.
 
-Empty masks: a crop or a downscale can leave a segment with no pixel. With ``drop_empty=True`` (the default, as in
-Mask2Former's instance LSJ mapper, which filters empty instances) such segments are removed from ``labels``,
-``masks`` and ``iscrowd``; ``drop_empty=False`` keeps them (as the reference panoptic LSJ mapper does).
+Empty masks: a crop or a downscale can leave a segment with no pixel. With ``drop_empty=True`` such segments are
+removed from ``labels``, ``masks`` and ``iscrowd`` (Mask2Former's COCO instance mapper filters empty instances; its
+semantic mapper rebuilds one mask per class present after augmentation, which is the same); ``drop_empty=False``
+keeps them (its panoptic mappers, COCO LSJ and ADE20K/Cityscapes, keep every non-crowd segment).
 """
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
+import torch.nn.functional as nnf
+from PIL import Image
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
+
+from .color import ColorAugSSD
 
 Sample = dict[str, Any]
 
@@ -28,6 +38,9 @@ __all__ = [
     "LargeScaleJitter",
     "RandomHorizontalFlip",
     "ColorJitter",
+    "ColorAugSSD",
+    "PadToSize",
+    "resize_image",
     "semantic_train_transforms",
     "lsj_train_transforms",
     "eval_transforms",
@@ -68,20 +81,42 @@ def _drop_empty_segments(sample: Sample) -> Sample:
             "iscrowd": sample["iscrowd"][keep]}
 
 
-def resize_sample(sample: Sample, height: int, width: int) -> Sample:
-    """Resize image (bilinear, antialiased), masks and semantic (nearest) to ``(height, width)``."""
-    size = [height, width]
-    image = F.resize(tv_tensors.Image(sample["image"]), size, interpolation=v2.InterpolationMode.BILINEAR,
-                     antialias=True)
-    masks = sample["masks"]
-    if masks.shape[0] > 0:
-        masks = F.resize(tv_tensors.Mask(masks), size, interpolation=v2.InterpolationMode.NEAREST_EXACT)
-    else:
-        masks = masks.new_zeros((0, height, width))
-    semantic = F.resize(tv_tensors.Mask(sample["semantic"][None]), size,
-                        interpolation=v2.InterpolationMode.NEAREST_EXACT)[0]
-    return {**sample, "image": image.as_subclass(torch.Tensor), "masks": masks.as_subclass(torch.Tensor),
-            "semantic": semantic.as_subclass(torch.Tensor)}
+LABEL_RESIZES = ("pil", "torch")
+
+
+def resize_image(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """uint8 [3, H, W] -> uint8 [3, height, width] with PIL's BILINEAR (detectron2's ResizeTransform on uint8)."""
+    if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3:
+        raise ValueError(f"resize_image: need a uint8 [3,H,W] image, got {image.dtype} {tuple(image.shape)}")
+    pil = Image.fromarray(np.ascontiguousarray(image.permute(1, 2, 0).numpy()))
+    resized = np.asarray(pil.resize((width, height), Image.BILINEAR))
+    return torch.from_numpy(resized.copy()).permute(2, 0, 1).contiguous()
+
+
+@lru_cache(maxsize=256)
+def _nearest_index(in_size: int, out_size: int, kind: str) -> torch.Tensor:
+    """Source index of each output position along one axis, read off the library that defines the resize."""
+    if kind == "pil":  # PIL's NEAREST resize is separable: resizing an index ramp gives its lookup table
+        ramp = Image.fromarray(np.arange(in_size, dtype=np.int32)[None])
+        return torch.from_numpy(np.asarray(ramp.resize((out_size, 1), Image.NEAREST))[0].astype(np.int64))
+    ramp = torch.arange(in_size, dtype=torch.float64).view(1, 1, 1, in_size)  # detectron2 interpolates float64
+    return nnf.interpolate(ramp, size=(1, out_size), mode="nearest")[0, 0, 0].long()
+
+
+def resize_labels(labels: torch.Tensor, height: int, width: int, kind: str = "pil") -> torch.Tensor:
+    """Nearest resize of a [..., H, W] label tensor (any dtype) with PIL's or torch's index rule (see the module)."""
+    if kind not in LABEL_RESIZES:
+        raise ValueError(f"resize_labels: kind must be one of {LABEL_RESIZES}, got {kind!r}")
+    rows = _nearest_index(int(labels.shape[-2]), height, kind)
+    cols = _nearest_index(int(labels.shape[-1]), width, kind)
+    return labels[..., rows[:, None], cols[None, :]].contiguous()
+
+
+def resize_sample(sample: Sample, height: int, width: int, label_resize: str = "pil") -> Sample:
+    """Resize image (PIL bilinear), masks and semantic (nearest, ``label_resize`` rule) to ``(height, width)``."""
+    return {**sample, "image": resize_image(sample["image"], height, width),
+            "masks": resize_labels(sample["masks"], height, width, label_resize),
+            "semantic": resize_labels(sample["semantic"], height, width, label_resize)}
 
 
 def crop_sample(sample: Sample, top: int, left: int, height: int, width: int) -> Sample:
@@ -108,12 +143,14 @@ def pad_sample(sample: Sample, height: int, width: int, image_value: int = 0, ig
 
 
 def shortest_edge_size(height: int, width: int, short_edge: int, max_size: int) -> tuple[int, int]:
-    """Output size with the short side ``short_edge``, then shrunk so the long side is at most ``max_size``."""
-    scale = short_edge / min(height, width)
-    new_height, new_width = height * scale, width * scale
-    longest = max(new_height, new_width)
-    if longest > max_size:
-        new_height, new_width = new_height * max_size / longest, new_width * max_size / longest
+    """Output size with the short side ``short_edge``, then shrunk so the long side is at most ``max_size``
+    (detectron2's ``ResizeShortestEdge.get_output_shape``, same float steps)."""
+    size = float(short_edge)
+    scale = size / min(height, width)
+    new_height, new_width = (size, scale * width) if height < width else (scale * height, size)
+    if max(new_height, new_width) > max_size:
+        scale = max_size * 1.0 / max(new_height, new_width)
+        new_height, new_width = new_height * scale, new_width * scale
     return max(1, int(new_height + 0.5)), max(1, int(new_width + 0.5))
 
 
@@ -123,7 +160,7 @@ class ResizeShortestEdge:
     [min, max] range with ``"range"``) with the long side capped at ``max_size`` (detectron2's ResizeShortestEdge)."""
 
     def __init__(self, short_edge_length: int | Sequence[int], max_size: int = 1 << 30, sample_style: str = "choice",
-                 drop_empty: bool = True) -> None:
+                 drop_empty: bool = True, label_resize: str = "pil") -> None:
         lengths = [short_edge_length] if isinstance(short_edge_length, int) else list(short_edge_length)
         if not lengths or any(length <= 0 for length in lengths):
             raise ValueError(f"ResizeShortestEdge: short_edge_length must be positive, got {short_edge_length!r}")
@@ -131,6 +168,9 @@ class ResizeShortestEdge:
             raise ValueError(f"ResizeShortestEdge: sample_style must be 'choice' or 'range', got {sample_style!r}")
         if sample_style == "range" and len(lengths) != 2:
             raise ValueError(f"ResizeShortestEdge: sample_style='range' needs (min, max), got {lengths!r}")
+        if label_resize not in LABEL_RESIZES:
+            raise ValueError(f"ResizeShortestEdge: label_resize must be one of {LABEL_RESIZES}, got {label_resize!r}")
+        self.label_resize = label_resize
         self.short_edge_length = lengths
         self.max_size = max_size
         self.sample_style = sample_style
@@ -144,18 +184,18 @@ class ResizeShortestEdge:
         height, width = sample["image"].shape[-2:]
         new_height, new_width = shortest_edge_size(height, width, short_edge, self.max_size)
         if (new_height, new_width) != (height, width):
-            sample = resize_sample(sample, new_height, new_width)
+            sample = resize_sample(sample, new_height, new_width, self.label_resize)
         return _drop_empty_segments(sample) if self.drop_empty else sample
 
     def __repr__(self) -> str:
         return (f"ResizeShortestEdge(short_edge_length={self.short_edge_length}, max_size={self.max_size}, "
-                f"sample_style={self.sample_style!r})")
+                f"sample_style={self.sample_style!r}, label_resize={self.label_resize!r})")
 
 
 class RandomCrop:
     """Random crop of at most ``crop_size`` (h, w); a smaller image is kept whole (the collate pads it).
 
-    With ``single_category_max_area < 1`` the crop is redrawn (up to ``max_tries``, keeping the last) until it holds
+    With ``single_category_max_area < 1`` the crop is drawn up to ``max_tries`` times (keeping the last) until it holds
     more than one labelled class and no class covers more than that fraction of the labelled pixels
     (detectron2's RandomCrop_CategoryAreaConstraint, used by Mask2Former's semantic recipe).
     """
@@ -178,13 +218,14 @@ class RandomCrop:
         height, width = sample["image"].shape[-2:]
         window = self._window(height, width)
         if self.single_category_max_area < 1.0:
-            for _ in range(self.max_tries):
+            for attempt in range(self.max_tries):
+                if attempt > 0:
+                    window = self._window(height, width)
                 top, left, crop_height, crop_width = window
                 region = sample["semantic"][top:top + crop_height, left:left + crop_width]
                 _, counts = torch.unique(region[region != self.ignore_index], return_counts=True)
                 if len(counts) > 1 and counts.max().item() < self.single_category_max_area * counts.sum().item():
                     break
-                window = self._window(height, width)
         sample = crop_sample(sample, *window)
         return _drop_empty_segments(sample) if self.drop_empty else sample
 
@@ -197,12 +238,13 @@ class LargeScaleJitter:
     [min_scale, max_scale]), take a random ``image_size`` square crop, pad bottom/right to the square
     (image ``image_pad_value``, masks 0, semantic ``ignore_index``); detectron2's ResizeScale + FixedSizeCrop.
 
-    The reference pads the image with 128 (about the pixel mean); we default to 0 so padding looks like the collate's
-    padding, pass ``image_pad_value=128`` to match the reference exactly.
+    As FixedSizeCrop: the crop offset is ``round(max_offset * u)`` with ONE uniform ``u`` shared by both axes, and the
+    uint8 image is padded with 128 (about the pixel mean), before normalisation.
     """
 
     def __init__(self, image_size: int = 1024, min_scale: float = 0.1, max_scale: float = 2.0,
-                 image_pad_value: int = 0, ignore_index: int = 255, drop_empty: bool = True) -> None:
+                 image_pad_value: int = 128, ignore_index: int = 255, drop_empty: bool = True,
+                 label_resize: str = "pil") -> None:
         if not 0 < min_scale <= max_scale:
             raise ValueError(f"LargeScaleJitter: need 0 < min_scale <= max_scale, got {min_scale}, {max_scale}")
         self.image_size = image_size
@@ -211,22 +253,47 @@ class LargeScaleJitter:
         self.image_pad_value = image_pad_value
         self.ignore_index = ignore_index
         self.drop_empty = drop_empty
+        if label_resize not in LABEL_RESIZES:
+            raise ValueError(f"LargeScaleJitter: label_resize must be one of {LABEL_RESIZES}, got {label_resize!r}")
+        self.label_resize = label_resize
 
     def __call__(self, sample: Sample) -> Sample:
         height, width = sample["image"].shape[-2:]
         target = _uniform(self.min_scale, self.max_scale) * self.image_size
         scale = min(target / height, target / width)
         new_height, new_width = max(1, round(height * scale)), max(1, round(width * scale))
-        sample = resize_sample(sample, new_height, new_width)
-        top = round(max(new_height - self.image_size, 0) * float(torch.rand(()).item()))
-        left = round(max(new_width - self.image_size, 0) * float(torch.rand(()).item()))
+        sample = resize_sample(sample, new_height, new_width, self.label_resize)
+        shared = _uniform(0.0, 1.0)  # one draw for both axes, as FixedSizeCrop
+        top = round(max(new_height - self.image_size, 0) * shared)
+        left = round(max(new_width - self.image_size, 0) * shared)
         sample = crop_sample(sample, top, left, min(self.image_size, new_height), min(self.image_size, new_width))
         sample = pad_sample(sample, self.image_size, self.image_size, self.image_pad_value, self.ignore_index)
         return _drop_empty_segments(sample) if self.drop_empty else sample
 
     def __repr__(self) -> str:
         return (f"LargeScaleJitter(image_size={self.image_size}, min_scale={self.min_scale}, "
-                f"max_scale={self.max_scale})")
+                f"max_scale={self.max_scale}, image_pad_value={self.image_pad_value}, drop_empty={self.drop_empty})")
+
+
+class PadToSize:
+    """Pad bottom/right to exactly ``(height, width)``: image ``image_value`` (uint8, before normalisation), masks
+    False, semantic ``ignore_index``. Mask2Former's semantic/panoptic mappers do this with
+    ``INPUT.SIZE_DIVISIBILITY`` (the crop size on ADE20K) after all augmentations."""
+
+    def __init__(self, size: int | tuple[int, int], image_value: int = 128, ignore_index: int = 255) -> None:
+        self.size = (size, size) if isinstance(size, int) else tuple(size)
+        self.image_value = image_value
+        self.ignore_index = ignore_index
+
+    def __call__(self, sample: Sample) -> Sample:
+        height, width = sample["image"].shape[-2:]
+        if height > self.size[0] or width > self.size[1]:
+            raise ValueError(f"PadToSize: sample {sample.get('image_id')!r} is {height}x{width}, larger than the "
+                             f"pad size {self.size[0]}x{self.size[1]} (crop before padding)")
+        return pad_sample(sample, self.size[0], self.size[1], self.image_value, self.ignore_index)
+
+    def __repr__(self) -> str:
+        return f"PadToSize(size={self.size}, image_value={self.image_value})"
 
 
 class RandomHorizontalFlip:
@@ -246,9 +313,8 @@ class RandomHorizontalFlip:
 
 
 class ColorJitter:
-    """Photometric jitter of the image only (labels untouched). Defaults match the magnitudes of the SSD colour
-    augmentation Mask2Former's semantic recipe uses (brightness +-32/255, contrast and saturation x[0.5, 1.5],
-    hue +-18 degrees)."""
+    """torchvision's ColorJitter on the image only (labels untouched), every op always on. Not the reference's
+    augmentation (that is :class:`ColorAugSSD`, which the recipes use); kept for custom pipelines."""
 
     def __init__(self, brightness: float = 32 / 255, contrast: float = 0.5, saturation: float = 0.5,
                  hue: float = 18 / 360) -> None:
@@ -263,32 +329,48 @@ class ColorJitter:
 
 
 # ----------------------------------------------------------------------------------------------------- recipes
-def semantic_train_transforms(crop_size: int = 512, min_scale: float = 0.5, max_scale: float = 2.0,
+def short_edge_choices(base: int, min_scale: float, max_scale: float) -> list[int]:
+    """Mask2Former's ``MIN_SIZE_TRAIN``: ``[int(x * 0.1 * base) for x in range(min*10, max*10 + 1)]`` (same floats)."""
+    return [int(x * 0.1 * base) for x in range(int(round(min_scale * 10)), int(round(max_scale * 10)) + 1)]
+
+
+def semantic_train_transforms(crop_size: int | tuple[int, int] = 512, min_scale: float = 0.5, max_scale: float = 2.0,
                               max_size: int | None = None, single_category_max_area: float = 1.0,
-                              color_jitter: bool = True, ignore_index: int = 255) -> Compose:
-    """Mask2Former's semantic recipe: short side in {crop*0.5, crop*0.6, ..., crop*2.0}, random crop (optionally
-    category-area constrained), colour jitter, horizontal flip."""
-    steps = int(round((max_scale - min_scale) * 10))
-    lengths = sorted({int(crop_size * (min_scale + 0.1 * step)) for step in range(steps + 1)})
+                              color_aug: bool = True, pad_to_crop: bool = False, drop_empty: bool = True,
+                              label_resize: str = "torch", ignore_index: int = 255) -> Compose:
+    """Mask2Former's semantic/panoptic mapper recipe (ADE20K, Cityscapes): short side chosen from
+    ``short_edge_choices(longer crop side)`` with the long side at most ``max_size`` (default 4 x that side), random
+    ``crop_size`` crop (category-area constrained below 1.0), SSD colour augmentation, horizontal flip, then with
+    ``pad_to_crop`` a pad to the crop size (image 128, labels ignore; ADE20K's ``INPUT.SIZE_DIVISIBILITY``).
+
+    Semantic targets: ``label_resize="torch"``, ``drop_empty=True`` (the reference resizes the float semantic map with
+    torch nearest and builds one mask per class present). Panoptic targets: ``"pil"`` and ``drop_empty=False``."""
+    crop = (crop_size, crop_size) if isinstance(crop_size, int) else tuple(crop_size)
+    base = max(crop)
     transforms: list[Callable[[Sample], Sample]] = [
-        ResizeShortestEdge(lengths, max_size=max_size or 4 * crop_size, sample_style="choice"),
-        RandomCrop(crop_size, single_category_max_area=single_category_max_area, ignore_index=ignore_index),
+        ResizeShortestEdge(short_edge_choices(base, min_scale, max_scale), max_size=max_size or 4 * base,
+                           sample_style="choice", drop_empty=drop_empty, label_resize=label_resize),
+        RandomCrop(crop, single_category_max_area=single_category_max_area, ignore_index=ignore_index,
+                   drop_empty=drop_empty),
     ]
-    if color_jitter:
-        transforms.append(ColorJitter())
+    if color_aug:
+        transforms.append(ColorAugSSD())
     transforms.append(RandomHorizontalFlip())
+    if pad_to_crop:
+        transforms.append(PadToSize(crop, image_value=128, ignore_index=ignore_index))
     return Compose(transforms)
 
 
 def lsj_train_transforms(image_size: int = 1024, min_scale: float = 0.1, max_scale: float = 2.0,
-                         drop_empty: bool = True, image_pad_value: int = 0) -> Compose:
-    """Mask2Former's COCO recipe: horizontal flip, then large-scale jitter to a square ``image_size`` crop."""
+                         drop_empty: bool = True, image_pad_value: int = 128) -> Compose:
+    """Mask2Former's COCO recipe: horizontal flip, then large-scale jitter to a square ``image_size`` crop.
+    ``drop_empty``: True for instance targets (the instance mapper filters empty instances), False for panoptic."""
     return Compose([RandomHorizontalFlip(),
                     LargeScaleJitter(image_size, min_scale, max_scale, image_pad_value=image_pad_value,
                                      drop_empty=drop_empty)])
 
 
 def eval_transforms(short_edge_length: int, max_size: int = 1 << 30) -> Compose:
-    """Deterministic test-time resize (keeps empty segments: evaluation must see every ground-truth segment)."""
+    """Deterministic test-time resize: image with PIL bilinear, labels with PIL nearest (keeps empty segments:
+    evaluation must see every ground-truth segment). The reference evaluates labels at the original size instead."""
     return Compose([ResizeShortestEdge(short_edge_length, max_size=max_size, drop_empty=False)])
-

@@ -2,7 +2,10 @@
 
 These follow the original Mask2Former (``MaskFormer.forward`` eval branch), not the HF transformers
 shortcut: mask logits are upsampled to the padded input size, the padding is cropped, and only then are
-they resized to the original image size. Panoptic fusion uses the unweighted sigmoid for the area test,
+they resized to the original image size. Panoptic and instance inference run on those resized logits; semantic
+inference does too when ``semantic_postprocess_before_inference`` (the reference's rule: whenever the model config
+turns panoptic or instance inference on), else it runs at the padded size and its K-channel map is cropped and
+resized after (semantic-only configs). Panoptic fusion uses the unweighted sigmoid for the area test,
 ANDs the argmax region with ``sigmoid >= 0.5``, keeps a segment when the overlap ratio is ``>=`` the
 threshold, and merges every stuff class into one segment. Ids start at 1, 0 is void.
 
@@ -238,18 +241,19 @@ def batch_postprocess(
     object_mask_threshold: float = 0.8,
     overlap_threshold: float = 0.8,
     top_k: int = 100,
-    semantic_resize_before_inference: bool = False,
+    semantic_postprocess_before_inference: bool = False,
     return_semantic_scores: bool = False,
 ) -> list[Any]:
     """Post-process a batch of model outputs (``Mask2FormerOutput`` or its ``as_dict()``).
 
     ``image_sizes``: per image (h, w) before padding; ``original_sizes``: per image (height, width) to
-    produce (``None`` = ``image_sizes``). ``padded_size`` defaults to 4x the mask resolution (the model's
-    input size). Per image it returns, by task:
+    produce (``None`` = ``image_sizes``). ``padded_size`` (the size the network ran on) defaults to the outputs'
+    ``padded_size``, else 4x the mask resolution. Per image it returns, by task:
 
     - ``"semantic"``: ``LongTensor[H, W]`` class ids (``Tensor[K, H, W]`` scores with ``return_semantic_scores``).
-      As in the original semantic-only configs, the K-channel map is cropped/resized after inference
-      unless ``semantic_resize_before_inference``.
+      With ``semantic_postprocess_before_inference`` (the reference for panoptic/instance models) inference runs
+      on the cropped and resized logits; without it (semantic-only models) at the padded size, and the K-channel
+      map is cropped and resized after.
     - ``"panoptic"``: ``(segment_map int32[H, W], segments_info)``; needs ``is_thing``.
     - ``"instance"``: dict of masks, labels, scores, boxes (thing classes only when ``is_thing`` is given).
     """
@@ -272,12 +276,13 @@ def batch_postprocess(
             f"got {len(image_sizes)} image_sizes and {len(original_sizes)} original_sizes for a batch of {batch}"
         )
     if padded_size is None:
-        padded_size = (mask_logits.shape[-2] * 4, mask_logits.shape[-1] * 4)
+        known = outputs.get("padded_size") if isinstance(outputs, Mapping) else getattr(outputs, "padded_size", None)
+        padded_size = known if known is not None else (mask_logits.shape[-2] * 4, mask_logits.shape[-1] * 4)
 
     results: list[Any] = []
     for index in range(batch):
         image_cls, image_masks = class_logits[index], mask_logits[index]
-        if task == "semantic" and not semantic_resize_before_inference:
+        if task == "semantic" and not semantic_postprocess_before_inference:
             scores = semantic_inference(image_cls, _resize(image_masks, _check_size(padded_size, "padded_size")))
             scores = crop_and_resize(scores, image_sizes[index], original_sizes[index])
         else:

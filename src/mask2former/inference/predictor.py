@@ -15,6 +15,7 @@ from torch import Tensor
 from ..data.collate import pad_images, padded_size
 from ..data.image_io import read_image
 from ..data.label_space import LabelSpace
+from ..data.transforms import resize_image, shortest_edge_size
 from ..modeling.model import Mask2Former
 from .postprocess import batch_postprocess
 
@@ -59,18 +60,15 @@ def _to_uint8(tensor: Tensor, where: str) -> Tensor:
 
 
 def resize_shortest_edge(image: Tensor, min_size: int | None, max_size: int | None) -> Tensor:
-    """detectron2's ResizeShortestEdge at test time (bilinear); ``None`` keeps the size."""
+    """detectron2's test-time ResizeShortestEdge on a uint8 [3, H, W] image: its output size, PIL BILINEAR
+    (antialiased when shrinking); ``None`` keeps the size."""
     if not min_size:
         return image
     height, width = image.shape[-2:]
-    scale = min_size / min(height, width)
-    if max_size and max(height, width) * scale > max_size:
-        scale = max_size / max(height, width)
-    new_h, new_w = int(height * scale + 0.5), int(width * scale + 0.5)
+    new_h, new_w = shortest_edge_size(int(height), int(width), min_size, max_size or (1 << 30))
     if (new_h, new_w) == (height, width):
         return image
-    resized = F.interpolate(image[None].float(), size=(new_h, new_w), mode="bilinear", align_corners=False)
-    return resized[0].round().clamp(0, 255).to(torch.uint8)
+    return resize_image(image, new_h, new_w)
 
 
 class Predictor:
@@ -82,6 +80,10 @@ class Predictor:
     - semantic: ``LongTensor[H, W]`` class ids;
     - instance: ``{"masks": bool[N, H, W], "labels", "scores", "boxes" (xyxy)}``;
     - panoptic: ``(segment_map int32[H, W], segments_info)`` with ``{id, category_id, isthing, score, area}``.
+
+    ``semantic_postprocess_before_inference``: semantic inference on logits already resized to the output size
+    (the reference for panoptic/instance models) or before resizing (semantic-only models); None = the model's
+    ``config.semantic_postprocess_before_inference``, which ``build_model`` sets from the training preset.
     """
 
     def __init__(
@@ -97,6 +99,7 @@ class Predictor:
         object_mask_threshold: float = 0.8,
         overlap_threshold: float = 0.8,
         top_k: int = 100,
+        semantic_postprocess_before_inference: bool | None = None,
     ) -> None:
         if task not in ("semantic", "instance", "panoptic"):
             raise ValueError(f"task must be semantic, instance or panoptic, got {task!r}")
@@ -125,8 +128,14 @@ class Predictor:
         else:
             # Without a label space every class is a thing: no stuff merging is done.
             self.is_thing = torch.ones(model.num_classes, dtype=torch.bool)
+        if semantic_postprocess_before_inference is None:
+            # As the model was trained (ModelConfig, saved with checkpoints): the reference's order for its tasks.
+            semantic_postprocess_before_inference = bool(
+                getattr(model.config, "semantic_postprocess_before_inference", False)
+            )
         self.postprocess_options = dict(
-            object_mask_threshold=object_mask_threshold, overlap_threshold=overlap_threshold, top_k=top_k
+            object_mask_threshold=object_mask_threshold, overlap_threshold=overlap_threshold, top_k=top_k,
+            semantic_postprocess_before_inference=semantic_postprocess_before_inference,
         )
 
     def __call__(self, images: ImageInput | Sequence[ImageInput]) -> Any:

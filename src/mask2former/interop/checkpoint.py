@@ -64,7 +64,10 @@ def load_pretrained(cls, path: str | Path, config: str | None = None, num_classe
     if num_classes is not None and num_classes != model_config.num_classes:
         model_config = dataclasses.replace(model_config, num_classes=num_classes)
         labels = None
-    model = cls(model_config, labels=labels)
+    from ..modeling.backbone import skip_imagenet_weights
+
+    with skip_imagenet_weights():  # the checkpoint replaces them: no ImageNet weights file needed
+        model = cls(model_config, labels=labels)
     load_state_dict_checked(model, state, source)
     return model.to(map_location)
 

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ..config import BackboneConfig, ModelConfig, load_config
+from ..data.label_space import config_label_space
 from ..modeling.swin import SWIN_SPECS
 from .checkpoint import CheckpointError
 from .safe_pickle import load_untrusted
@@ -264,6 +265,10 @@ def convert_detectron2_checkpoint(
     must agree with it (backbone, queries, layers, widths); a different class count is allowed (the loader then
     keeps everything but the class head, with a warning). Without ``config`` the architecture is inferred from
     the tensor shapes, with the reference's 8 attention heads.
+
+    ``labels`` (``LabelSpace.to_dict()``): a preset's ``labels``, else its data set's built-in label space (the
+    ``coco_*`` presets: COCO's 133 panoptic / 80 instance classes with the thing/stuff split); None without a
+    preset, or when its class count differs from the file's.
     """
     path = Path(path)
     state = read_detectron2_state_dict(path)
@@ -277,9 +282,15 @@ def convert_detectron2_checkpoint(
             model_config, where = config, "the given model config"
         else:
             full = load_config(config)
-            model_config, where, labels = full.model, f"config {str(config)!r}", full.labels
+            model_config, where = full.model, f"config {str(config)!r}"
+            # The preset's data set gives the label space (coco_panoptic: 133 classes, 80 things, ...).
+            space = config_label_space(full)
+            labels = space.to_dict() if space is not None else None
+            model_config = dataclasses.replace(
+                model_config, semantic_postprocess_before_inference=full.test.semantic_before_inference()
+            )
         _check_agreement(found, model_config, str(path), where)
-        if model_config.num_classes != found["num_classes"].value:
+        if labels is not None and not len(labels["names"]) == model_config.num_classes == found["num_classes"].value:
             labels = None  # the preset's names describe another class head
     return model_config, _to_our_names(state, model_config, str(path)), labels
 

@@ -11,9 +11,11 @@ the one transformers writes to disk (``encoder.layers.0.blocks.0.attention.self.
 Behaviour notes (checked against transformers 5.x):
 - transformers' ``SwinBackbone`` always pads to window multiples and keeps the shift (``always_partition=True``),
   as the detectron2 Swin does, so the converted backbone uses ``adaptive_window=False``.
-- The label space comes from ``id2label``. transformers has no thing/stuff split; every class is marked a thing,
-  which is also what transformers' own panoptic post-processing does unless given ``label_ids_to_fuse``. Set
-  ``is_thing`` in the saved ``labels`` for panoptic inference with stuff merging.
+- The label space comes from ``id2label``. transformers has no thing/stuff split: when the names, in order, are a
+  built-in data set's class list (COCO panoptic / instance, ADE20K, Cityscapes; ``builtin_label_space``) that data
+  set's split, dataset ids and colours are used (logged); otherwise every class is marked a thing, which is also
+  what transformers' own panoptic post-processing does unless given ``label_ids_to_fuse``. Set ``is_thing`` in the
+  saved ``labels`` for panoptic inference with stuff merging.
 - Pixel mean/std come from ``preprocessor_config.json`` when the directory has one (on the 0-255 scale),
   otherwise the ImageNet values transformers uses (= our defaults).
 - Unused tensors that transformers saves are skipped: the SwinModel's final ``layernorm`` (the backbone returns
@@ -23,6 +25,7 @@ Behaviour notes (checked against transformers 5.x):
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -37,6 +40,8 @@ from ..modeling.swin import SWIN_SPECS, SwinSpec
 from .checkpoint import CheckpointError
 
 __all__ = ["convert_hf_checkpoint", "hf_config_to_model_config", "convert_hf_state_dict"]
+
+logger = logging.getLogger("mask2former.interop.hf")
 
 # transformers' SwinConfig defaults; a Mask2FormerConfig without ``backbone_config`` uses these with depths 2,2,18,2.
 _SWIN_DEFAULTS = dict(embed_dim=96, depths=[2, 2, 18, 2], num_heads=[3, 6, 12, 24], window_size=7, mlp_ratio=4.0,
@@ -114,7 +119,7 @@ def hf_config_to_model_config(hf: dict[str, Any], where: str = "config.json") ->
 
 
 def _labels(hf: dict[str, Any], where: str) -> dict[str, Any]:
-    from ..data.label_space import LabelSpace
+    from ..data.label_space import LabelSpace, builtin_label_space, match_builtin_names
 
     id2label = hf.get("id2label") or {}
     try:
@@ -124,8 +129,20 @@ def _labels(hf: dict[str, Any], where: str) -> dict[str, Any]:
     if ids != list(range(len(ids))) or not ids:
         raise CheckpointError(f"{where}: id2label must map 0..K-1, got ids {ids[:5]}{'...' if len(ids) > 5 else ''}")
     names = [str(id2label[str(i)] if str(i) in id2label else id2label[i]) for i in ids]
+    ignore_index = int(hf.get("ignore_value", 255))
+    known = match_builtin_names(names)
     try:
-        space = LabelSpace(names, is_thing=[True] * len(names), ignore_index=int(hf.get("ignore_value", 255)))
+        if known is not None:
+            # The class list of a reference data set (e.g. COCO panoptic's 133 names in order): its split, ids, colours.
+            table = builtin_label_space(known)
+            space = LabelSpace(names, is_thing=table.is_thing, dataset_ids=table.dataset_ids,
+                               ignore_index=ignore_index, colors=table.colors)
+            logger.info("%s: id2label is the %s class list: using its thing/stuff split (%d things, %d stuff), "
+                        "dataset ids and colours", where, known, len(space.thing_ids), len(space.stuff_ids))
+        else:
+            space = LabelSpace(names, is_thing=[True] * len(names), ignore_index=ignore_index)
+            logger.info("%s: id2label is no known data set's class list: every class is a thing (no stuff merging "
+                        "in panoptic output unless the saved labels set is_thing)", where)
     except ValueError as error:
         raise CheckpointError(f"{where}: id2label does not make a valid label space ({error})") from None
     return space.to_dict()

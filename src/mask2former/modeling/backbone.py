@@ -5,6 +5,11 @@ CNNs come from timm with ``features_only=True``; Swin is our own module (see ``s
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import logging
+from typing import Iterator
+
 import timm
 import torch
 from timm.layers import freeze_batch_norm_2d
@@ -12,6 +17,8 @@ from torch import Tensor, nn
 
 from ..config import BackboneConfig
 from .swin import SWIN_SPECS, SwinTransformer
+
+logger = logging.getLogger("mask2former.backbone")
 
 
 class Backbone(nn.Module):
@@ -25,8 +32,6 @@ class Backbone(nn.Module):
             variant = "_".join(name.split("_")[:2])
             if variant not in SWIN_SPECS:
                 raise ValueError(f"unknown Swin variant {name!r}; choose one of {sorted(SWIN_SPECS)}")
-            if config.pretrained:
-                raise ValueError(f"no offline ImageNet weights for {name!r}: load a checkpoint with from_pretrained instead")
             spec = SWIN_SPECS[variant]
             kwargs = dict(embed_dim=spec.embed_dim, depths=spec.depths, num_heads=spec.num_heads,
                           window_size=spec.window_size, drop_path_rate=config.drop_path_rate)
@@ -34,6 +39,7 @@ class Backbone(nn.Module):
             self.body = SwinTransformer(**kwargs)
             self.out_channels = list(self.body.out_channels)
             level_modules = [f"layers.{index}" for index in range(4)]
+            self.weights_report = self._load_imagenet_weights(config, swin=True)
         else:
             # Read the feature strides from a meta-device build, then build only the four levels we use.
             with torch.device("meta"):
@@ -44,16 +50,57 @@ class Backbone(nn.Module):
             self.body = timm.create_model(name, pretrained=False, features_only=True, out_indices=indices, **config.kwargs)
             self.out_channels = list(self.body.feature_info.channels())
             level_modules = list(self.body.feature_info.module_name())
-            if config.pretrained:
-                from ..interop.efficientnet_lite import load_imagenet_weights
-
-                load_imagenet_weights(self.body, name)
+            self.weights_report = self._load_imagenet_weights(config, swin=False)
             if config.freeze_bn:
                 self.body = freeze_batch_norm_2d(self.body)
         freeze_stages(self.body, level_modules, config.freeze_at)
 
+    def _load_imagenet_weights(self, config: BackboneConfig, swin: bool) -> str:
+        """Initialise ``self.body`` from ImageNet weights as ``config`` says; returns a one-line account."""
+        name = config.name
+        if not config.pretrained:
+            return f"backbone {name}: random initialisation (pretrained=false)"
+        if not _LOAD_WEIGHTS.get():
+            return f"backbone {name}: ImageNet weights skipped (a checkpoint replaces them)"
+        if config.weights:
+            from ..interop.backbone_weights import full_model_keys, load_backbone_weights, missing_weights_message
+            from ..interop.backbone_weights import resolve_weights
+
+            path = resolve_weights(config.weights)
+            if path is None:
+                # Building for inference does not need the file; training checks for it first (train.run_train).
+                logger.warning("%s: the backbone stays random (fine when a trained checkpoint is loaded next)",
+                               missing_weights_message(config.weights))
+                return f"backbone {name}: random initialisation ({config.weights} not found)"
+            head_keys = set() if swin else full_model_keys(name, config.kwargs) - set(self.body.state_dict())
+            summary = load_backbone_weights(self.body, name, path, swin=swin, head_keys=head_keys)
+            logger.info("%s", summary)
+            return summary
+        from ..interop.efficientnet_lite import LITE_WEIGHTS, load_imagenet_weights
+
+        if swin or name not in LITE_WEIGHTS:
+            raise ValueError(f"backbone {name}: pretrained=true needs model.backbone.weights=PATH (no offline "
+                             f"ImageNet weights for it; offline: {', '.join(sorted(LITE_WEIGHTS))}), or "
+                             f"model.backbone.pretrained=false for random initialisation")
+        load_imagenet_weights(self.body, name)
+        return f"backbone {name}: offline ImageNet weights (interop/efficientnet_lite.py)"
+
     def forward(self, images: Tensor) -> list[Tensor]:
         return list(self.body(images))
+
+
+# False while a checkpoint is about to replace every backbone tensor (see skip_imagenet_weights).
+_LOAD_WEIGHTS: contextvars.ContextVar[bool] = contextvars.ContextVar("load_imagenet_weights", default=True)
+
+
+@contextlib.contextmanager
+def skip_imagenet_weights() -> Iterator[None]:
+    """Build backbones without reading ``weights`` files, for a model whose checkpoint is loaded next."""
+    token = _LOAD_WEIGHTS.set(False)
+    try:
+        yield
+    finally:
+        _LOAD_WEIGHTS.reset(token)
 
 
 def freeze_stages(body: nn.Module, level_modules: list[str], freeze_at: int) -> None:

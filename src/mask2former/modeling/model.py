@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ModelConfig
@@ -19,12 +20,18 @@ from .transformer_decoder import MaskedTransformerDecoder, StandardTransformerDe
 class Mask2FormerOutput:
     """``pred_logits`` [B, Q, K+1] (last = no object), ``pred_masks`` [B, Q, H/4, W/4] mask logits, and
     ``aux_outputs``: the earlier predictions, oldest first, as ``{"pred_logits", "pred_masks"}`` dicts.
-    ``piloted``: MP-Former's mask-piloted predictions (training only), same layout, or None."""
+    ``piloted``: MP-Former's mask-piloted predictions (training only), same layout, or None.
+
+    ``padded_size``: (Hp, Wp) the network ran on, the input zero-padded bottom/right to multiples of
+    ``size_divisibility`` (``pred_masks`` is Hp/4 x Wp/4); ``image_size``: (H, W) of the input as given, the valid
+    top-left region of ``padded_size``. None when the producer does not know them (e.g. an ONNX runner)."""
 
     pred_logits: Tensor
     pred_masks: Tensor
     aux_outputs: list[dict[str, Tensor]] = field(default_factory=list)
     piloted: dict[str, Any] | None = None
+    image_size: tuple[int, int] | None = None
+    padded_size: tuple[int, int] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {"pred_logits": self.pred_logits, "pred_masks": self.pred_masks, "aux_outputs": self.aux_outputs}
@@ -43,7 +50,7 @@ class Mask2Former(nn.Module):
         if config.pixel_decoder == "msdeformattn":
             self.pixel_decoder: nn.Module = MSDeformAttnPixelDecoder(
                 in_channels, config.conv_dim, config.mask_dim, config.enc_layers, config.num_heads,
-                config.enc_points, config.enc_ffn_dim, config.enc_dropout,
+                config.enc_points, config.enc_ffn_dim, config.enc_dropout, config.pixel_decoder_fp32,
             )
             memory_channels = config.conv_dim
         elif config.pixel_decoder == "fpn":
@@ -85,8 +92,23 @@ class Mask2Former(nn.Module):
             images = images.masked_fill(padding_mask.unsqueeze(1), 0.0)
         return images
 
+    def pad(self, images: Tensor) -> Tensor:
+        """Zero-pad normalised [B, 3, H, W] images bottom/right to multiples of ``size_divisibility`` (as detectron2's
+        ``ImageList.from_tensors``; zero is the padding value after normalisation). No-op when already divisible."""
+        divisor = self.config.size_divisibility
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"Mask2Former.forward: images must be [B, 3, H, W], got shape {tuple(images.shape)}")
+        if divisor <= 1:
+            return images
+        pad_h, pad_w = -images.shape[-2] % divisor, -images.shape[-1] % divisor
+        if pad_h == 0 and pad_w == 0:
+            return images  # nothing added to the graph (ONNX export runs at divisible sizes)
+        return F.pad(images, (0, pad_w, 0, pad_h))
+
     def forward(self, images: Tensor, piloting=None, aux_outputs: bool = True) -> Mask2FormerOutput:
-        """images: normalised [B, 3, H, W] with H, W multiples of ``size_divisibility``.
+        """images: normalised [B, 3, H, W] of any size; zero-padded here to multiples of ``size_divisibility``
+        (an already padded batch is used as is). The output's ``image_size`` / ``padded_size`` say which part of
+        the (padded) prediction is the input.
 
         ``aux_outputs=False`` (inference) skips the earlier layers' predictions, which only deep supervision needs.
 
@@ -94,6 +116,10 @@ class Mask2Former(nn.Module):
         eval mode, so inference is exactly Mask2Former's."""
         if not self.training:
             piloting = None
+        padded = self.pad(images)
+        image_size = (int(images.shape[-2]), int(images.shape[-1]))
+        padded_size = (int(padded.shape[-2]), int(padded.shape[-1]))
+        images = padded
         features = self.backbone(images)
         mask_features, multi_scale = self.pixel_decoder(features)
         predictions = self.transformer_decoder(multi_scale, mask_features, piloting, intermediate=aux_outputs)
@@ -102,7 +128,7 @@ class Mask2Former(nn.Module):
         else:
             piloted = None
         aux = [{"pred_logits": logits, "pred_masks": masks} for logits, masks in predictions[:-1]]
-        return Mask2FormerOutput(predictions[-1][0], predictions[-1][1], aux, piloted)
+        return Mask2FormerOutput(predictions[-1][0], predictions[-1][1], aux, piloted, image_size, padded_size)
 
     # ----- checkpoints -------------------------------------------------------------------------------------
 

@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -70,9 +72,13 @@ class MSDeformAttnPixelDecoder(nn.Module):
         num_points: int = 4,
         ffn_dim: int = 1024,
         dropout: float = 0.0,
+        fp32: bool = True,
     ) -> None:
         super().__init__()
         self.num_levels = 3
+        # The reference runs this whole module with autocast off (``forward_features`` is ``@autocast(enabled=False)``
+        # and casts its inputs with ``.float()``); ``fp32=False`` lets autocast lower its convs and linears.
+        self.fp32 = fp32
         # Encoder inputs run from low to high resolution (res5, res4, res3), as the reference orders them.
         self.input_proj = nn.ModuleList()
         for channels in reversed(in_channels[1:]):
@@ -80,12 +86,20 @@ class MSDeformAttnPixelDecoder(nn.Module):
             nn.init.xavier_uniform_(proj[0].weight)
             nn.init.zeros_(proj[0].bias)
             self.input_proj.append(proj)
-        self.level_embed = nn.Parameter(torch.empty(self.num_levels, conv_dim).normal_())
+        self.level_embed = nn.Parameter(torch.empty(self.num_levels, conv_dim))  # normal_ below
         self.position_encoding = SinePositionEncoding(conv_dim // 2)
-        self.encoder = nn.ModuleList(
-            DeformableEncoderLayer(conv_dim, self.num_levels, num_heads, num_points, ffn_dim, dropout)
-            for _ in range(num_encoder_layers)
-        )
+        # The reference deep-copies one layer (so the FFN biases start equal in every layer), then, over the encoder
+        # and level_embed: xavier_uniform_ on every parameter with dim > 1, MSDeformAttn's own reset, normal_ on
+        # level_embed. Net effect: FFN weights xavier, the rest as each module initialises itself.
+        template = DeformableEncoderLayer(conv_dim, self.num_levels, num_heads, num_points, ffn_dim, dropout)
+        self.encoder = nn.ModuleList(copy.deepcopy(template) for _ in range(num_encoder_layers))
+        for param in self.encoder.parameters():
+            if param.dim() > 1:
+                nn.init.xavier_uniform_(param)
+        for module in self.encoder.modules():
+            if isinstance(module, MSDeformAttn):
+                module.reset_parameters()
+        nn.init.normal_(self.level_embed)
         self.lateral_conv = conv_norm(in_channels[0], conv_dim, 1)
         self.output_conv = conv_norm(conv_dim, conv_dim, 3)
         self.mask_features = nn.Conv2d(conv_dim, mask_dim, 1)
@@ -112,7 +126,14 @@ class MSDeformAttnPixelDecoder(nn.Module):
         return [out.transpose(1, 2).reshape(batch, channels, h, w) for out, (h, w) in zip(outputs, spatial_shapes)]
 
     def forward(self, features: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
-        """features: [res2, res3, res4, res5] -> (mask_features at 1/4, multi-scale maps [1/32, 1/16, 1/8])."""
+        """features: [res2, res3, res4, res5] -> (mask_features at 1/4, multi-scale maps [1/32, 1/16, 1/8]).
+        With ``fp32`` (the reference) everything here runs in float32 with autocast off, outputs included."""
+        if not self.fp32:
+            return self._forward(features)
+        with torch.autocast(device_type=features[0].device.type, enabled=False):
+            return self._forward([feature.float() for feature in features])
+
+    def _forward(self, features: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
         multi_scale = self.forward_encoder(features[1:])
         lateral = self.lateral_conv(features[0])
         # Bilinear (the reference's comment says nearest, its code is bilinear).

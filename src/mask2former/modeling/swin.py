@@ -2,8 +2,11 @@
 
 timm's Swin rolls before padding and fixes window sizes at construction, which changes the numbers for inputs
 that are not window multiples; the reference pads each block's input to a window multiple *before* the cyclic
-shift. This module follows the reference and keeps timm's parameter names (``patch_embed``, ``layers.i.blocks.j``,
-``attn.qkv``, ``mlp.fc1``...). Stage outputs get their own LayerNorm (``norms.i``) and are returned NCHW.
+shift. This module follows the reference and keeps the official Swin parameter names (``patch_embed``,
+``layers.i.blocks.j``, ``attn.qkv``, ``mlp.fc1``..., patch merging at the end of stage i as ``layers.i.downsample``;
+timm uses the same names but merges at the start of stage i+1), so the official ImageNet ``.pth`` loads by name
+(interop/backbone_weights.py). Stage outputs get their own LayerNorm (``norms.i``, the reference's ``norm{i}``) and
+are returned NCHW.
 """
 
 from __future__ import annotations

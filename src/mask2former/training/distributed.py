@@ -198,12 +198,21 @@ def unused_parameters(model: nn.Module) -> list[str]:
     return [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
 
 
-def wrap_ddp(model: nn.Module, context: DistributedContext, find_unused_parameters: bool = False) -> nn.Module:
+def wrap_ddp(model: nn.Module, context: DistributedContext, find_unused_parameters: bool = False,
+             sync_batch_norm: bool = False) -> nn.Module:
     """``DistributedDataParallel`` around ``model`` (already on ``context.device``) when running distributed,
     else the model itself. Set ``find_unused_parameters`` only when some parameter gets no gradient in a step
-    (it costs an extra graph traversal per step); the trainer decides it with one probe step."""
+    (it costs an extra graph traversal per step); the trainer decides it with one probe step.
+
+    ``sync_batch_norm`` (``model.backbone.norm: SyncBN``): first turn ``model``'s batch norms, in place, into
+    :class:`~.sync_batch_norm.SyncBatchNorm` (statistics over the global batch; CPU/gloo too). Parameters are
+    kept, so an optimiser built before still holds them."""
     if not context.distributed:
         return model
+    if sync_batch_norm:
+        from .sync_batch_norm import convert_sync_batch_norm
+
+        convert_sync_batch_norm(model)
     device_ids = [context.device.index] if context.device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids,
                                                find_unused_parameters=find_unused_parameters)

@@ -1,8 +1,10 @@
 """Optimiser, learning-rate schedule and gradient clipping of the Mask2Former recipe.
 
-- AdamW, ``base_lr`` 1e-4, weight decay 0.05; no decay on normalisation layers, embeddings (``nn.Embedding``, the
-  ``level_embed`` parameters, Swin's ``relative_position_bias_table`` / ``absolute_pos_embed``); the backbone's lr is
-  ``base_lr * backbone_multiplier`` (0.1).
+- AdamW, ``base_lr`` 1e-4, weight decay 0.05, except (the reference's ``build_optimizer``, in its order, the last
+  match winning): 0.0 for Swin's ``relative_position_bias_table`` / ``absolute_pos_embed``, ``weight_decay_norm``
+  for normalisation layers, ``weight_decay_embed`` for ``nn.Embedding`` modules (the decoder's ``query_feat`` /
+  ``query_embed`` / ``level_embed``). The pixel decoder's ``level_embed`` is a plain ``nn.Parameter`` there and
+  here, so it is decayed like any weight. The backbone's lr is ``base_lr * backbone_multiplier`` (0.1).
 - The reference builds one parameter group per parameter; AdamW's update is per element, so grouping parameters
   that share (lr, weight decay) gives the same update with 2-4 groups instead of hundreds (faster ``step()`` with the
   foreach kernels, smaller optimizer state dicts).
@@ -22,11 +24,9 @@ from torch import Tensor, nn
 
 from ..config import SolverConfig
 
-# Names (last component) of parameters that are embeddings even though they are plain nn.Parameters. Deviation:
-# the reference decides by module type, so its pixel decoder's ``level_embed`` (an nn.Parameter there and here) is
-# decayed (0.05) while the decoder's (an nn.Embedding) is not; we exempt every embedding alike.
-NO_DECAY_PARAMETER_NAMES = ("level_embed", "relative_position_bias_table", "absolute_pos_embed", "query_feat",
-                            "query_embed")
+# Parameter names (substrings of the last component) the reference sets to weight decay 0.0 outright (not
+# weight_decay_embed): Swin's position tables.
+ZERO_DECAY_PARAMETER_NAMES = ("relative_position_bias_table", "absolute_pos_embed")
 
 
 def is_norm_module(module: nn.Module) -> bool:
@@ -53,12 +53,13 @@ def parameter_settings(model: nn.Module, solver: SolverConfig) -> dict[str, tupl
             lr = solver.base_lr
             if full_name.startswith("backbone.") or ".backbone." in full_name:
                 lr = lr * solver.backbone_multiplier
+            weight_decay = solver.weight_decay
+            if any(key in param_name for key in ZERO_DECAY_PARAMETER_NAMES):
+                weight_decay = 0.0
             if is_norm_module(module):
                 weight_decay = solver.weight_decay_norm
-            elif isinstance(module, nn.Embedding) or param_name in NO_DECAY_PARAMETER_NAMES:
+            if isinstance(module, nn.Embedding):
                 weight_decay = solver.weight_decay_embed
-            else:
-                weight_decay = solver.weight_decay
             settings[full_name] = (lr, weight_decay)
     return settings
 

@@ -552,7 +552,8 @@ class Trainer:
         self.model.train()
         if self.context.distributed:
             find_unused = self.find_unused if self.find_unused is not None else self._probe_unused_parameters()
-            self.ddp_model = dist_utils.wrap_ddp(self.model, self.context, find_unused)
+            self.ddp_model = dist_utils.wrap_ddp(self.model, self.context, find_unused,
+                                                 sync_batch_norm=self.config.model.backbone.norm == "SyncBN")
         loader = self._build_loader(self.samples_consumed)
         self._open_logs(start_step, resumed)
         for callback in self.callbacks:

@@ -14,7 +14,7 @@ from typing import Any
 from torch.utils.data import Dataset
 
 from ..image_io import read_image, read_label_png
-from ..label_space import LabelSpace
+from ..label_space import LabelSpace, builtin_label_space
 from ._common import Transforms, apply_transforms, check_same_size, make_sample, map_raw_labels, masks_from_semantic
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -32,10 +32,18 @@ def read_object_info(path: str | Path) -> list[str]:
 
 def ade20k_label_space(names: list[str] | None = None, num_classes: int = 150,
                        reduce_zero_label: bool = True) -> LabelSpace:
-    """All-stuff label space whose dataset ids are the raw PNG values (1..K with ``reduce_zero_label``, else 0..K-1)."""
+    """All-stuff label space whose dataset ids are the raw PNG values (1..K with ``reduce_zero_label``, else 0..K-1).
+
+    Without ``names``, 150 classes are the built-in ADE20K table (the reference's names and palette); other counts
+    are named ``class_<i>``."""
+    offset = 1 if reduce_zero_label else 0
+    if names is None and num_classes == 150:
+        table = builtin_label_space("ade20k")
+        return LabelSpace(names=table.names, is_thing=table.is_thing, colors=table.colors,
+                          dataset_ids=[index + offset for index in range(table.num_classes)],
+                          ignore_index=table.ignore_index)
     if names is None:
         names = [f"class_{index}" for index in range(num_classes)]
-    offset = 1 if reduce_zero_label else 0
     return LabelSpace(names=names, is_thing=[False] * len(names),
                       dataset_ids=[index + offset for index in range(len(names))])
 
@@ -63,11 +71,13 @@ class ADE20KDataset(Dataset):
     """``root/images/<split>/*.jpg`` with ``root/annotations/<split>/*.png`` (ADEChallengeData2016 layout).
 
     Args:
-        root: dataset root (class names are read from ``root/objectInfo150.txt`` when present).
+        root: dataset root. ``root/objectInfo150.txt``, when present, names the classes of ADE20K-style data with
+            another class count; the benchmark's 150 classes take the built-in table's names.
         split: ``"training"`` or ``"validation"`` (any sub-folder name works).
         label_space: dataset ids must be the raw PNG values; defaults to ``ade20k_label_space``.
         reduce_zero_label: raw 0 is ignore and values are shifted down by one.
-        num_classes: class count for the default label space when there is no ``objectInfo150.txt``.
+        num_classes: class count for the default label space without ``objectInfo150.txt`` (150: the built-in
+            ADE20K table).
         transforms: callable applied to each sample dict.
     """
 
@@ -80,6 +90,10 @@ class ADE20KDataset(Dataset):
         if label_space is None:
             info_file = self.root / "objectInfo150.txt"
             names = read_object_info(info_file) if info_file.is_file() else None
+            if names is not None and len(names) == 150:
+                # The benchmark's own file: its synonym lists ("building;edifice") give way to the reference's
+                # names (the built-in table), as detectron2 does.
+                names = None
             label_space = ade20k_label_space(names, num_classes, reduce_zero_label)
         if reduce_zero_label and 0 in label_space.dataset_ids:
             raise ValueError("ADE20KDataset: reduce_zero_label=True makes raw 0 ignore, but the label space maps "
