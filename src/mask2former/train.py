@@ -182,7 +182,8 @@ def build_evaluate_fn(config: Config, label_space: Any) -> Callable[[nn.Module, 
         device = next(model.parameters()).device
         return evaluate_model(
             model, dataset, label_space, tasks, device=str(device), min_size=config.test.min_size or None,
-            max_size=config.test.max_size or None, precision=config.solver.precision,
+            # fp32 like `mask2former evaluate`/`predict` and detectron2's test loop, whatever the training precision
+            max_size=config.test.max_size or None, precision="fp32",
             object_mask_threshold=config.test.object_mask_threshold, overlap_threshold=config.test.overlap_threshold,
             top_k=config.test.top_k,
         )
@@ -232,8 +233,7 @@ def _report(config: Config, trainer: Any, result: dict[str, Any], val_dataset: A
     if val_dataset is not None:
         overlays = write_overlays(
             unwrap(trainer.model), val_dataset, label_space, output_dir / "overlays", config.test.task,
-            precision=config.solver.precision, min_size=config.test.min_size or None,
-            max_size=config.test.max_size or None,
+            precision="fp32", min_size=config.test.min_size or None, max_size=config.test.max_size or None,
         )
     lines = [f"finished {result['step']} iterations; outputs in {output_dir}:"]
     lines.append(f"  model (from_pretrained / --checkpoint): {result['final_model']}")
