@@ -248,6 +248,10 @@ def test_instance_topk_over_queries_times_classes_and_mask_score():
     assert torch.equal(result["masks"][1], masks[0] > 0) and torch.equal(result["masks"][2], masks[0] > 0)
     assert result["boxes"].tolist() == [[0, 0, 0, 0], [1, 2, 6, 5], [1, 2, 6, 5]]
     assert result["boxes"].dtype == torch.float32 and result["labels"].dtype == torch.int64
+    # The original gives all-zero boxes; that is the mask_boxes=False option, everything else unchanged.
+    reference = instance_inference(probs.log(), masks, top_k=3, mask_boxes=False)
+    assert reference["boxes"].tolist() == [[0, 0, 0, 0]] * 3 and reference["boxes"].dtype == torch.float32
+    assert torch.equal(reference["scores"], result["scores"]) and torch.equal(reference["masks"], result["masks"])
 
 
 def test_instance_thing_restriction_and_top_k_cap():

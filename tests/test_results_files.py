@@ -2,17 +2,14 @@
 themselves (pycocotools ``loadRes`` + ``COCOeval``, panopticapi's algorithm as shipped in cityscapesscripts) exactly
 as ``evaluate --predictions`` scores it, on FashionScenes exported with ``data export`` and read with ``data.root``."""
 
-import contextlib
-import io
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from cityscapesscripts.evaluation import evalPanopticSemanticLabeling as panopticapi
 from PIL import Image
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
 
 from mask2former.cli import main
 from mask2former.config import load_config
@@ -21,6 +18,10 @@ from mask2former.data.export import export_fashion_scenes
 from mask2former.evaluation.evaluator import evaluate_predictions
 from mask2former.evaluation.results_files import ResultsWriter, file_stem
 from mask2former.train import build_dataset
+
+# The oracles: panopticapi (as shipped in cityscapesscripts) and pycocotools, as scripts/ runs them for users.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from score_with_standard_tools import mask_ap, panoptic_quality  # noqa: E402
 
 NUM_IMAGES = 5
 
@@ -95,28 +96,6 @@ def write_fake(dataset, label_space, out, exact, seed=0, tasks=("panoptic", "ins
     return writer.close()
 
 
-def panopticapi_pq(root, predictions):
-    gt = json.loads((root / "annotations" / "panoptic_val.json").read_text())
-    pred = {entry["image_id"]: entry for entry in json.loads((predictions / "panoptic.json").read_text())["annotations"]}
-    categories = {category["id"]: category for category in gt["categories"]}
-    pairs = [(annotation, pred[annotation["image_id"]]) for annotation in gt["annotations"]]
-    with contextlib.redirect_stdout(io.StringIO()):
-        stats = panopticapi.pq_compute_single_core(0, pairs, str(root / "panoptic_val"), str(predictions / "panoptic"),
-                                                   categories)
-    return panopticapi.average_pq(stats, categories)
-
-
-def pycocotools_ap(root, predictions):
-    with contextlib.redirect_stdout(io.StringIO()):
-        gt = COCO(str(root / "annotations" / "instances_val.json"))
-        detections = gt.loadRes(str(predictions / "instances.json"))
-        evaluator = COCOeval(gt, detections, iouType="segm")
-        evaluator.evaluate()
-        evaluator.accumulate()
-        evaluator.summarize()
-    return 100.0 * evaluator.stats[0]
-
-
 @pytest.mark.parametrize("exact", [True, False])
 def test_saved_files_scored_by_the_standard_tools(coco_root, tmp_path, exact):
     config = _config(coco_root, "coco_panoptic")
@@ -124,11 +103,11 @@ def test_saved_files_scored_by_the_standard_tools(coco_root, tmp_path, exact):
     assert len(dataset) == NUM_IMAGES
     write_fake(dataset, label_space, tmp_path, exact, seed=1)
     metrics = evaluate_predictions(str(tmp_path), config)["metrics"]
-    expected = panopticapi_pq(coco_root, tmp_path)
+    expected = panoptic_quality(coco_root, tmp_path, "val")
     for group, suffix in (("All", ""), ("Things", "_th"), ("Stuff", "_st")):
         assert metrics["PQ" + suffix] == pytest.approx(100.0 * expected[group]["pq"], abs=1e-9)
         assert metrics["SQ" + suffix] == pytest.approx(100.0 * expected[group]["sq"], abs=1e-9)
-    assert metrics["AP"] == pytest.approx(pycocotools_ap(coco_root, tmp_path), abs=1e-9)
+    assert metrics["AP"] == pytest.approx(mask_ap(coco_root, tmp_path, "val"), abs=1e-9)
     if exact:
         assert metrics["PQ"] == pytest.approx(100.0) and metrics["AP"] == pytest.approx(100.0)
         assert metrics["mIoU"] == pytest.approx(100.0)

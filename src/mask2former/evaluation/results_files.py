@@ -29,7 +29,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from ..data.formats.coco import annotation_to_rle
-from ..data.formats.coco_panoptic import id_to_rgb, rgb_to_id
+from ..data.formats.coco_panoptic import id_to_rgb, read_segment_map
 from ..data.image_io import read_label_png
 from ..data.label_space import LabelSpace
 from .instance import encode_masks
@@ -78,9 +78,11 @@ class ResultsWriter:
                 (self.out_dir / task).mkdir(parents=True, exist_ok=True)
         self.out_dir.mkdir(parents=True, exist_ok=True)
 
-    def add(self, image_id: Any, stem: str, result: Mapping[str, Any]) -> None:
-        """One image's ``{task: result}`` in the ``Predictor`` formats (contiguous class ids)."""
+    def add(self, image_id: Any, stem: str, result: Mapping[str, Any]) -> dict[str, Any]:
+        """One image's ``{task: result}`` in the ``Predictor`` formats (contiguous class ids); returns the JSON
+        entries it added (``{"panoptic": entry, "instance": [entries]}``, as far as written)."""
         image_id = _plain_id(image_id)
+        first_instance = len(self._instances)
         if image_id in self._image_ids:
             raise ValueError(f"results files: image id {image_id!r} written twice")
         if stem in self._stems:
@@ -111,6 +113,12 @@ class ResultsWriter:
             values = self._dataset_ids[torch.as_tensor(result["semantic"]).cpu().numpy().astype(np.int64)]
             dtype = np.uint8 if values.max(initial=0) < 256 else np.uint16
             Image.fromarray(values.astype(dtype)).save(self.out_dir / "semantic" / f"{stem}.png")
+        added: dict[str, Any] = {}
+        if "panoptic" in self.tasks:
+            added["panoptic"] = self._panoptic[-1]
+        if "instance" in self.tasks:
+            added["instance"] = self._instances[first_instance:]
+        return added
 
     def close(self) -> dict[str, Path]:
         """Write the JSON files; returns ``{task: path}`` of what holds each task's results."""
@@ -256,22 +264,11 @@ class SavedPredictions:
         path = self.dir / "panoptic" / entry["file_name"]
         if not path.is_file():
             raise FileNotFoundError(f"panoptic prediction {path} for image id {image_id!r} not found")
-        raw = read_label_png(path)
-        if raw.ndim != 3:
-            raise ValueError(f"panoptic prediction {path} is single-channel; expected RGB (id = R + 256 G + 256^2 B)")
-        if raw.shape[:2] != tuple(size):
-            raise ValueError(f"panoptic prediction {path} is {raw.shape[1]}x{raw.shape[0]} (WxH), its image "
-                             f"{image_id!r} is {size[1]}x{size[0]}")
-        segment_map = rgb_to_id(raw)
-        listed = {segment["id"] for segment in entry["segments_info"]}
-        present = set(np.unique(segment_map).tolist()) - {0}
-        if present - listed:
-            raise ValueError(f"panoptic prediction {path}: segment id {min(present - listed)} is in the PNG but not "
-                             f"in segments_info of image id {image_id!r}")
-        if listed - present:
-            raise ValueError(f"panoptic prediction {path}: segment id {min(listed - present)} of image id "
-                             f"{image_id!r} is in the JSON but not in the PNG")
         where = f"{self.dir / RESULT_FILES['panoptic']} image id {image_id!r}"
+        segment_map = read_segment_map(path, (segment["id"] for segment in entry["segments_info"]), where)
+        if segment_map.shape != tuple(size):
+            raise ValueError(f"panoptic prediction {path} is {segment_map.shape[1]}x{segment_map.shape[0]} (WxH), "
+                             f"its image {image_id!r} is {size[1]}x{size[0]}")
         segments = [{"id": int(segment["id"]), "category_id": self._category(segment["category_id"], where),
                      "isthing": self.label_space.is_thing[self._category(segment["category_id"], where)]}
                     for segment in entry["segments_info"]]

@@ -188,13 +188,15 @@ def instance_inference(
     mask_logits: Tensor,
     is_thing: Tensor | Sequence[bool] | None = None,
     top_k: int = 100,
+    mask_boxes: bool = True,
 ) -> dict[str, Tensor]:
     """Top-k (query, class) hypotheses as instances.
 
     ``top_k`` is taken over all Q*K class probabilities (no-object excluded), so a query can appear with
     several classes; results are sorted by class probability. With ``is_thing`` only thing classes are
     kept (after the top-k, as in the original). Masks are ``logit > 0``; the score is the class
-    probability times the mean sigmoid inside the binary mask.
+    probability times the mean sigmoid inside the binary mask. ``boxes`` enclose the masks; ``mask_boxes=False``
+    gives all-zero boxes as the original does (it leaves box computation commented out as slow).
     """
     _check_pair(class_logits, mask_logits)
     num_queries, num_classes = class_logits.shape[0], class_logits.shape[1] - 1
@@ -216,7 +218,7 @@ def instance_inference(
         "masks": masks,
         "labels": labels.long(),
         "scores": (top_scores.to(mask_scores.dtype) * mask_scores).float(),
-        "boxes": masks_to_boxes(masks),
+        "boxes": masks_to_boxes(masks) if mask_boxes else torch.zeros((masks.shape[0], 4), device=masks.device),
     }
 
 
@@ -242,6 +244,7 @@ def batch_postprocess(
     overlap_threshold: float = 0.8,
     top_k: int = 100,
     semantic_postprocess_before_inference: bool = False,
+    mask_boxes: bool = True,
     return_semantic_scores: bool = False,
 ) -> list[Any]:
     """Post-process a batch of model outputs (``Mask2FormerOutput`` or its ``as_dict()``).
@@ -255,7 +258,8 @@ def batch_postprocess(
       on the cropped and resized logits; without it (semantic-only models) at the padded size, and the K-channel
       map is cropped and resized after.
     - ``"panoptic"``: ``(segment_map int32[H, W], segments_info)``; needs ``is_thing``.
-    - ``"instance"``: dict of masks, labels, scores, boxes (thing classes only when ``is_thing`` is given).
+    - ``"instance"``: dict of masks, labels, scores, boxes (thing classes only when ``is_thing`` is given; boxes
+      from the masks, or zeros as the original with ``mask_boxes=False``).
     """
     if task not in ("semantic", "panoptic", "instance"):
         raise ValueError(f"task must be 'semantic', 'panoptic' or 'instance', got {task!r}")
@@ -295,7 +299,7 @@ def batch_postprocess(
                 )
                 continue
             else:
-                results.append(instance_inference(image_cls, resized, is_thing, top_k))
+                results.append(instance_inference(image_cls, resized, is_thing, top_k, mask_boxes))
                 continue
         results.append(scores if return_semantic_scores else scores.argmax(0))
     return results

@@ -84,6 +84,7 @@ class Predictor:
     ``semantic_postprocess_before_inference``: semantic inference on logits already resized to the output size
     (the reference for panoptic/instance models) or before resizing (semantic-only models); None = the model's
     ``config.semantic_postprocess_before_inference``, which ``build_model`` sets from the training preset.
+    ``mask_boxes``: instance boxes enclose the masks (False: all-zero boxes, as the original Mask2Former gives).
     """
 
     def __init__(
@@ -100,6 +101,7 @@ class Predictor:
         overlap_threshold: float = 0.8,
         top_k: int = 100,
         semantic_postprocess_before_inference: bool | None = None,
+        mask_boxes: bool = True,
     ) -> None:
         if task not in ("semantic", "instance", "panoptic"):
             raise ValueError(f"task must be semantic, instance or panoptic, got {task!r}")
@@ -135,7 +137,7 @@ class Predictor:
             )
         self.postprocess_options = dict(
             object_mask_threshold=object_mask_threshold, overlap_threshold=overlap_threshold, top_k=top_k,
-            semantic_postprocess_before_inference=semantic_postprocess_before_inference,
+            semantic_postprocess_before_inference=semantic_postprocess_before_inference, mask_boxes=mask_boxes,
         )
 
     def __call__(self, images: ImageInput | Sequence[ImageInput]) -> Any:

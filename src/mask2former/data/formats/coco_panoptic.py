@@ -25,6 +25,23 @@ def rgb_to_id(color: np.ndarray) -> np.ndarray:
     return color[..., 0] + 256 * color[..., 1] + 256 * 256 * color[..., 2]
 
 
+def read_segment_map(png_path: Path, listed_ids: Any, json_where: str) -> np.ndarray:
+    """A COCO panoptic PNG as int64 segment ids [H, W] (0 = void), checked against the ids its JSON lists
+    (``json_where`` names that JSON entry in the errors)."""
+    raw = read_label_png(png_path)
+    if raw.ndim != 3:
+        raise ValueError(f"panoptic PNG {png_path} is single-channel; expected RGB (id = R + 256*G + 256^2*B)")
+    segment_map = rgb_to_id(raw)
+    listed = set(listed_ids)
+    present = set(np.unique(segment_map).tolist()) - {0}
+    if present - listed:
+        raise ValueError(f"panoptic PNG {png_path}: segment id {min(present - listed)} is in the PNG but not in "
+                         f"segments_info of {json_where}")
+    if listed - present:
+        raise ValueError(f"segment id {min(listed - present)} of {json_where} is not in the PNG {png_path}")
+    return segment_map
+
+
 def id_to_rgb(ids: np.ndarray) -> np.ndarray:
     """int segment ids -> ``[...,3]`` uint8 RGB."""
     ids = np.asarray(ids, dtype=np.int64)
@@ -93,20 +110,9 @@ class CocoPanopticDataset(Dataset):
         image_path = self.image_root / info["file_name"]
         png_path = self.panoptic_root / annotation["file_name"]
         image = read_image(image_path)
-        raw = read_label_png(png_path)
-        if raw.ndim != 3:
-            raise ValueError(f"panoptic PNG {png_path} is single-channel; expected RGB (id = R + 256*G + 256^2*B)")
-        check_same_size(image, raw.shape, image_path, png_path)
-        segment_map = rgb_to_id(raw)
         segments = annotation["segments_info"]
-        listed = {segment["id"] for segment in segments}
-        present = set(np.unique(segment_map).tolist()) - {0}
-        if present - listed:
-            raise ValueError(f"panoptic PNG {png_path} has segment id(s) {sorted(present - listed)[:10]} not in "
-                             f"segments_info of {self.annotation_file}")
-        if listed - present:
-            raise ValueError(f"segment id(s) {sorted(listed - present)[:10]} of {self.annotation_file} do not appear "
-                             f"in panoptic PNG {png_path}")
+        segment_map = read_segment_map(png_path, (segment["id"] for segment in segments), str(self.annotation_file))
+        check_same_size(image, segment_map.shape, image_path, png_path)
         height, width = segment_map.shape
         labels = np.zeros(len(segments), dtype=np.int64)
         iscrowd = np.zeros(len(segments), dtype=bool)
