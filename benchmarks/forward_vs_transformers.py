@@ -11,7 +11,13 @@ Also reported: max |ours - theirs| in fp32, the share of mask-logit entries whos
 output (our bf16 and their bf16), FLOPs (``torch.utils.flop_counter``; ``grid_sample`` is not counted), a per-stage
 split of our time, and the top operators of one profiled forward of ours.
 
-    python benchmarks/forward_vs_transformers.py [--threads 2] [--repeats 7] [--size 512]
+bf16 inference (issue 18): our inference forward (``aux_outputs=False``) under bf16 autocast with and without each
+speed technique (``INFERENCE_VARIANTS``; ``--compile`` adds torch.compile'd forwards and their compile time), each
+timed in the same interleaved loop, with its ratio to transformers' fp32 time, its mask-sign agreement with our fp32
+output, its distance to the GEMM roof (FLOPs of the inference forward / this machine's square bf16 matmul rate,
+measured here), and a profile breakdown (self CPU time per stage and per operator class).
+
+    python benchmarks/forward_vs_transformers.py [--threads 2] [--repeats 7] [--size 512] [--compile]
 
 Writes benchmarks/results/forward_vs_transformers.json.
 """
@@ -20,9 +26,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import tempfile
@@ -65,12 +73,155 @@ def count_flops(fn) -> int:
     return counter.get_total_flops()
 
 
+# Operator classes of the profile breakdown (regular expressions; the first class that matches takes the operator).
+OP_CLASSES = (
+    ("gemm", r"addmm|^aten::(mm|bmm|baddbmm|matmul|linear|einsum|conv\w*|_convolution|_linear_pointwise)$"
+             r"|mkldnn|onednn"),
+    ("attention", r"scaled_dot_product|flash_attention"),
+    ("softmax", r"softmax"),
+    ("norm", r"layer_norm|group_norm"),
+    ("msda_sampling", r"grid_sampler|mask2former::msda"),
+    ("copies_casts", r"copy|^aten::(to|clone|contiguous|cat|roll|constant_pad_nd|pad|stack|index|empty\w*|reshape|view"
+                     r"|_unsafe_view|permute|transpose|expand|split\w*|unbind|chunk|flatten|unflatten|slice|select"
+                     r"|unsqueeze|squeeze|t|upsample\w*|as_strided|alias|detach|narrow|lift_fresh|resolve_\w+)$"),
+    ("elementwise", r"^aten::(add|mul|div|sub|rsub|gelu|relu|sigmoid|lt|gt|ne|eq|ge|le|sin|cos|pow|fill|zero|zeros"
+                    r"|ones|where|masked_fill|bitwise_\w+|logical_\w+|all|any|sum|arange|meshgrid|max|floor|neg"
+                    r"|floor_divide|clamp|exp|reciprocal|sqrt|rsqrt|erf)_?$"),
+    ("compiled_fused", r"cpp_fused|Torch-Compiled|CompiledFxGraph|compiled"),
+)
+STAGES = ("backbone", "pixel_decoder", "transformer_decoder")
+
+
+def op_class(name: str) -> str:
+    for label, pattern in OP_CLASSES:
+        if re.search(pattern, name):
+            return label
+    if name.startswith("stage::"):
+        return "python_overhead"  # time in the stage range outside any operator
+    return "other"
+
+
+def profile_breakdown(model, fn, autocast: bool) -> dict:
+    """One profiled forward: self CPU time per stage x operator class (ms), and the top operators."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    ranges, handles = {}, []
+    for stage in STAGES:
+        module = getattr(model, stage)
+
+        def enter(_module, _inputs, stage=stage):
+            ranges[stage] = record_function(f"stage::{stage}")
+            ranges[stage].__enter__()
+
+        def leave(_module, _inputs, _output, stage=stage):
+            ranges.pop(stage).__exit__(None, None, None)
+
+        handles += [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
+    context = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
+    try:
+        with torch.inference_mode(), context, profile(activities=[ProfilerActivity.CPU]) as prof:
+            start = time.perf_counter()
+            fn()
+            wall = time.perf_counter() - start
+    finally:
+        for handle in handles:
+            handle.remove()
+    table: dict[str, dict[str, float]] = {stage: {} for stage in (*STAGES, "outside")}
+    others: dict[str, float] = {}
+    for event in prof.events():
+        stage, parent = "outside", event
+        while parent is not None:
+            if parent.name.startswith("stage::"):
+                stage = parent.name[len("stage::"):]
+                break
+            parent = parent.cpu_parent
+        label = op_class(event.name)
+        milliseconds = event.self_cpu_time_total / 1000
+        table[stage][label] = table[stage].get(label, 0.0) + milliseconds
+        if label == "other":
+            others[event.name] = others.get(event.name, 0.0) + milliseconds
+    per_stage = {stage: round(sum(row.values()), 1) for stage, row in table.items()}
+    per_class: dict[str, float] = {}
+    for row in table.values():
+        for label, value in row.items():
+            per_class[label] = per_class.get(label, 0.0) + value
+    averages = sorted(prof.key_averages(), key=lambda event: event.self_cpu_time_total, reverse=True)
+    total = sum(per_stage.values()) or 1
+    return {
+        "wall_seconds_profiled": round(wall, 4),
+        "self_ms_per_stage": per_stage,
+        "self_ms_per_class": {k: round(v, 1) for k, v in sorted(per_class.items(), key=lambda kv: -kv[1])},
+        "share_per_class": {k: round(v / total, 3) for k, v in sorted(per_class.items(), key=lambda kv: -kv[1])},
+        "self_ms_stage_x_class": {stage: {k: round(v, 1) for k, v in sorted(row.items(), key=lambda kv: -kv[1])}
+                                  for stage, row in table.items() if row},
+        "unclassified_ops_ms": {k: round(v, 2) for k, v in sorted(others.items(), key=lambda kv: -kv[1])[:8]},
+        "top_ops": [{"op": e.key, "self_ms": round(e.self_cpu_time_total / 1000, 2), "calls": e.count,
+                     "class": op_class(e.key)} for e in averages[:20]],
+    }
+
+
+def gemm_roof(size: int = 2048, repeats: int = 5) -> dict:
+    """Achieved GFLOP/s of a square ``size`` matmul in fp32 and bf16 (this machine's GEMM roof), and of two of the
+    model's own GEMM shapes in bf16 (Swin-T stage-1 fc1 at 512^2, the pixel decoder's FFN at 512^2)."""
+    shapes = {"square": (size, size, size), "swin_stage1_fc1": (128 * 128, 96, 384),
+              "pixel_decoder_ffn1": (5376, 256, 1024)}
+    result = {}
+    for name, (m, k, n) in shapes.items():
+        for label, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+            if name != "square" and label == "fp32":
+                continue
+            a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
+            for _ in range(2):
+                a @ b
+            best = float("inf")
+            for _ in range(repeats):
+                start = time.perf_counter()
+                a @ b
+                best = min(best, time.perf_counter() - start)
+            result[f"{name}_{label}_gflops"] = round(2 * m * k * n / best / 1e9, 1)
+    return result
+
+
 def time_call(fn, autocast: bool) -> float:
     context = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
     with torch.inference_mode(), context:
         start = time.perf_counter()
         fn()
         return time.perf_counter() - start
+
+
+# bf16 inference forwards (aux_outputs=False, bf16 autocast), each a combination of the techniques:
+# pixel_decoder_fp32 (the reference keeps the pixel decoder in fp32), bf16_msda (the C kernel reads bf16 values),
+# nchw_features (undo the channels-last Swin features: NCHW copies as before), bf16_weights (weights cast once).
+INFERENCE_VARIANTS = {
+    "inference_bf16_pd32_fp32_msda_nchw": dict(pixel_decoder_fp32=True, bf16_msda=False, nchw_features=True),
+    "inference_bf16_pd32_bf16_weights": dict(pixel_decoder_fp32=True, bf16_weights=True),
+    "inference_bf16_pd16_fp32_msda_nchw": dict(pixel_decoder_fp32=False, bf16_msda=False, nchw_features=True),
+    "inference_bf16_pd16_fp32_msda": dict(pixel_decoder_fp32=False, bf16_msda=False),
+    "inference_bf16_pd16_nchw": dict(pixel_decoder_fp32=False, nchw_features=True),
+    "inference_bf16_pd16": dict(pixel_decoder_fp32=False),
+    "inference_bf16_pd16_bf16_weights": dict(pixel_decoder_fp32=False, bf16_weights=True),
+}
+
+
+def inference_variant(model, images, pixel_decoder_fp32: bool, bf16_msda: bool = True, nchw_features: bool = False):
+    """Our inference forward with one combination of the techniques (autocast is applied by ``time_call``)."""
+    from mask2former.modeling.kernels import cpu_ms_deform_attn
+
+    def run():
+        previous = model.pixel_decoder.fp32, cpu_ms_deform_attn.BF16_FORWARD
+        model.pixel_decoder.fp32, cpu_ms_deform_attn.BF16_FORWARD = pixel_decoder_fp32, bf16_msda
+        hook = None
+        if nchw_features:
+            hook = model.backbone.register_forward_hook(lambda _m, _i, out: [f.contiguous() for f in out])
+        try:
+            return model(images, aux_outputs=False)
+        finally:
+            model.pixel_decoder.fp32, cpu_ms_deform_attn.BF16_FORWARD = previous
+            if hook is not None:
+                hook.remove()
+
+    return run
 
 
 def main() -> None:
@@ -84,6 +235,9 @@ def main() -> None:
     parser.add_argument("--num-classes", type=int, default=133)
     parser.add_argument("--output", type=Path, default=RESULTS)
     parser.add_argument("--no-profile", action="store_true")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time a torch.compile'd (inductor, freezing) bf16 inference forward and its "
+                             "compile time")
     args = parser.parse_args()
 
     import transformers
@@ -135,12 +289,40 @@ def main() -> None:
 
     flops_ours = count_flops(run_ours)
     flops_theirs = count_flops(run_theirs)
+    flops_inference = count_flops(run_ours_inference)
+
+    # bf16 inference forwards with and without each technique (see INFERENCE_VARIANTS): pixel decoder in fp32
+    # (model.pixel_decoder_fp32, the reference) or bf16; bf16 deformable-attention kernel; channels-last Swin
+    # features into the pixel decoder's convolutions; weights cast to bf16 once; torch.compile.
+    from mask2former.modeling.bf16_inference import cast_weights_for_bf16_autocast
+
+    bf16_weight_models = {}
+    for pixel_decoder_fp32 in (True, False):
+        copy_ = copy.deepcopy(ours)
+        copy_.pixel_decoder.fp32 = pixel_decoder_fp32
+        bf16_weight_models[pixel_decoder_fp32] = cast_weights_for_bf16_autocast(copy_)
+    inference_variants = {
+        name: inference_variant(bf16_weight_models[spec["pixel_decoder_fp32"]] if spec.get("bf16_weights") else ours,
+                                images, **{k: v for k, v in spec.items() if k != "bf16_weights"})
+        for name, spec in INFERENCE_VARIANTS.items()
+    }
+    compile_seconds = {}
+    if args.compile:
+        # freezing: weights become constants, prepacked for oneDNN, their casts folded away.
+        for pixel_decoder_fp32 in (False,):  # the fast setting only: each compile takes minutes on 2 cores
+            name = f"inference_bf16_{'pd32' if pixel_decoder_fp32 else 'pd16'}_compiled"
+            compiled = torch.compile(bf16_weight_models[pixel_decoder_fp32], options={"freezing": True})
+            inference_variants[name] = inference_variant(compiled, images, pixel_decoder_fp32)
+            compile_seconds[name] = round(time_call(inference_variants[name], True), 1)  # the first call compiles
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        variant_masks = {name: fn().pred_masks for name, fn in inference_variants.items()}
 
     # Interleaved timing.
     variants = {
         "ours_fp32": (run_ours, False), "transformers_fp32": (run_theirs, False),
         "ours_bf16": (run_ours, True), "transformers_bf16": (run_theirs, True),
         "ours_inference_fp32": (run_ours_inference, False), "ours_inference_bf16": (run_ours_inference, True),
+        **{name: (fn, True) for name, fn in inference_variants.items()},
     }
     for _ in range(args.warmup):
         for fn, autocast in variants.values():
@@ -167,6 +349,16 @@ def main() -> None:
 
     stage_runs = [stage_times() for _ in range(3)]
     stages = {key: round(statistics.median(run[key] for run in stage_runs), 4) for key in stage_runs[0]}
+    breakdowns = {}
+    if not args.no_profile:
+        # Self CPU time per stage and operator class of one profiled bf16 inference forward (after one unprofiled).
+        for name in ("ours_inference_bf16", "inference_bf16_pd16", "inference_bf16_pd16_bf16_weights"):
+            model = bf16_weight_models[False] if name.endswith("bf16_weights") else ours
+            fn = variants[name][0]
+            time_call(fn, True)
+            breakdowns[name] = profile_breakdown(model, fn, True)
+    roof = gemm_roof()
+    roof_seconds = flops_inference / (roof["square_bf16_gflops"] * 1e9)
     top_ops = []
     if not args.no_profile:
         from torch.profiler import ProfilerActivity, profile
@@ -214,6 +406,24 @@ def main() -> None:
                    "note": "torch.utils.flop_counter, attention counted through the math SDPA backend; "
                            "grid_sample, softmax, norms and elementwise ops are not counted"},
         "ours_stage_seconds_fp32": stages,
+        "bf16_inference": {
+            "variants": {name: INFERENCE_VARIANTS.get(name, "torch.compile(mode default, inductor freezing) of the "
+                                                            "bf16-weights model") for name in inference_variants},
+            "seconds_median": {name: round(median[name], 4) for name in ("ours_inference_bf16", *inference_variants)},
+            "ratio_over_transformers_fp32": {name: round(median[name] / median["transformers_fp32"], 3)
+                                             for name in ("ours_inference_bf16", *inference_variants)},
+            "mask_sign_agreement_with_ours_fp32": {name: round(sign_agreement(masks), 5)
+                                                   for name, masks in variant_masks.items()},
+            "compile_seconds_first_call": compile_seconds,
+            "gflops_inference_path": round(flops_inference / 1e9, 2),
+            "gemm_roof": roof,
+            "roof_seconds_at_square_bf16_gemm_rate": round(roof_seconds, 4),
+            "distance_to_roof": {name: round(median[name] / roof_seconds, 2)
+                                 for name in ("ours_inference_bf16", *inference_variants)},
+            "target": "<= 0.3x transformers' fp32 time with >= 99.5 % mask-sign agreement on a trained model "
+                      "(benchmarks/bf16_agreement.py)",
+            "profile_breakdown": breakdowns,
+        },
         "ours_top_ops_fp32": top_ops,
         "load_average_before_after": [list(load_before), list(os.getloadavg())],
         "machine": {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
@@ -222,8 +432,12 @@ def main() -> None:
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({key: value for key, value in result.items() if key not in ("seconds_all", "ours_top_ops_fp32")},
+    print(json.dumps({key: value for key, value in result.items()
+                      if key not in ("seconds_all", "ours_top_ops_fp32", "bf16_inference")}, indent=2))
+    print(json.dumps({key: value for key, value in result["bf16_inference"].items() if key != "profile_breakdown"},
                      indent=2))
+    for name, breakdown in breakdowns.items():
+        print(name, json.dumps({key: breakdown[key] for key in ("self_ms_per_stage", "self_ms_per_class")}))
     for op in top_ops:
         print(f"{op['self_ms']:10.1f} ms {op['share']:6.1%} {op['calls']:6d}  {op['op']}")
 

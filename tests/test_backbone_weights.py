@@ -15,6 +15,7 @@ import yaml
 from safetensors.torch import save_file
 from timm.models.swin_transformer import checkpoint_filter_fn
 
+from mask2former.apps.train import run_train
 from mask2former.cli import main
 from mask2former.config import BackboneConfig, load_config
 from mask2former.interop.backbone_weights import (
@@ -24,8 +25,8 @@ from mask2former.interop.backbone_weights import (
     resolve_weights,
 )
 from mask2former.modeling.backbone import Backbone, skip_imagenet_weights
+from mask2former.modeling.build import check_backbone_weights
 from mask2former.modeling.model import Mask2Former
-from mask2former.train import check_backbone_weights, run_train
 
 TINY_SWIN = dict(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), window_size=7)
 

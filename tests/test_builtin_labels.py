@@ -10,13 +10,8 @@ import torch
 import yaml
 
 from mask2former.config import PRESET_DIR, load_config, to_dict
-from mask2former.data.label_space import (
-    BUILTIN_LABEL_SPACES,
-    LabelSpace,
-    builtin_label_space,
-    config_label_space,
-    match_builtin_names,
-)
+from mask2former.data.build import config_label_space
+from mask2former.data.label_space import BUILTIN_LABEL_SPACES, LabelSpace, builtin_label_space, match_builtin_names
 from mask2former.inference.predictor import Predictor
 from mask2former.interop.detectron2 import to_detectron2_state_dict
 from mask2former.interop.hf import _labels as hf_labels

@@ -175,3 +175,49 @@ def test_compiler_without_openmp_still_builds_a_working_kernel(monkeypatch, tmp_
         assert len(built) == 1 and b"GOMP_" not in built[0].read_bytes()  # a serial build, without OpenMP calls
     finally:
         cpu_ms_deform_attn.load_library.cache_clear()
+
+
+def test_bf16_inference_forward_matches_fp32_paths_within_bf16_rounding():
+    # dim 37: the vectorised loop's remainder; NaN / far-out points: zero like the fp32 kernel.
+    value, locations, weights = make_inputs(SHAPES, 2, 11, 3, 37, 2, "cpu", torch.float32)
+    locations[0, 0] = 50.0
+    locations[1, 1] = float("nan")
+    value = value.bfloat16()
+    with torch.no_grad():
+        ours = ms_deform_attn_cpu(value, SHAPES, locations, weights)
+        fp32_kernel = ms_deform_attn_cpu(value.float(), SHAPES, locations, weights)
+        grid_sample = ms_deform_attn_core_pytorch(value.float(), SHAPES, locations.nan_to_num(), weights)
+    assert ours.dtype == torch.bfloat16 and ours.shape == fp32_kernel.shape
+    # Same fp32 sums as the fp32 kernel, rounded once to bfloat16 (nearest even): at most one bf16 step apart.
+    torch.testing.assert_close(ours.float(), fp32_kernel.bfloat16().float(), rtol=2**-7, atol=1e-30)
+    assert torch.all(ours[0, 0] == 0)
+    keep = torch.ones(2, 11, dtype=torch.bool)
+    keep[1, 1] = False  # what grid_sample does with NaN is unspecified
+    torch.testing.assert_close(ours.float()[keep], grid_sample[keep], rtol=2**-7, atol=1e-5)
+
+
+def test_bf16_value_that_needs_a_gradient_still_takes_the_fp32_kernel():
+    value, locations, weights = make_inputs(SHAPES, 1, 5, 2, 4, 2, "cpu", torch.float32)
+    locations.requires_grad_()
+    output = ms_deform_attn_cpu(value.bfloat16(), SHAPES, locations, weights)
+    assert output.dtype == torch.float32 and output.requires_grad
+
+
+def test_msdeformattn_under_bf16_autocast_inference_uses_the_bf16_kernel(monkeypatch):
+    monkeypatch.delenv(kernels.ENV_VAR, raising=False)
+    attn = MSDeformAttn(embed_dim=32, num_levels=2, num_heads=2, num_points=2).requires_grad_(False)
+    torch.nn.init.normal_(attn.sampling_offsets.weight, std=0.5)
+    generator = torch.Generator().manual_seed(3)
+    shapes = [(6, 5), (3, 3)]
+    inputs = (torch.randn(1, 7, 32, generator=generator), torch.rand(1, 7, 2, 2, generator=generator),
+              torch.randn(1, 39, 32, generator=generator), shapes)
+    calls = []
+    bf16_op = cpu_ms_deform_attn.msda_forward_bf16
+    monkeypatch.setattr(cpu_ms_deform_attn, "msda_forward_bf16", lambda *args: calls.append(1) or bf16_op(*args))
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = attn(*inputs)
+        with kernels.ms_deform_attn_backend("pytorch"):
+            reference = attn(*inputs)
+    assert calls == [1]
+    assert auto.dtype == reference.dtype == torch.bfloat16
+    torch.testing.assert_close(auto.float(), reference.float(), rtol=2e-2, atol=2e-2)

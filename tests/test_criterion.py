@@ -1,3 +1,4 @@
+import functools
 import os
 import tempfile
 
@@ -6,6 +7,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from conftest import random_targets as shared_random_targets
 
 from mask2former.training.criterion import SetCriterion, compute_num_masks
 from mask2former.training.matcher import HungarianMatcher
@@ -13,18 +15,8 @@ from mask2former.training.matcher import HungarianMatcher
 NUM_CLASSES = 6
 
 
-def random_targets(num_per_image, size=64, seed=0, device="cpu"):
-    generator = torch.Generator().manual_seed(seed)
-    targets = []
-    for count in num_per_image:
-        masks = torch.zeros(count, size, size, dtype=torch.bool)
-        for i in range(count):
-            top, left = torch.randint(0, size // 2, (2,), generator=generator).tolist()
-            height, width = torch.randint(size // 8, size // 2, (2,), generator=generator).tolist()
-            masks[i, top : top + height, left : left + width] = True
-        labels = torch.randint(0, NUM_CLASSES, (count,), generator=generator)
-        targets.append({"labels": labels.to(device), "masks": masks.to(device)})
-    return targets
+# The criterion tests' targets: NUM_CLASSES classes.
+random_targets = functools.partial(shared_random_targets, num_classes=NUM_CLASSES)
 
 
 def random_outputs(batch_size, num_queries=10, size=16, num_aux=3, seed=0, requires_grad=False, device="cpu"):

@@ -9,7 +9,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from mask2former.training import distributed as dist_utils
-from mask2former.training.checkpoint import atomic_write_text, checkpoint_path
+from mask2former.training.resume import atomic_write_text, checkpoint_path
 from mask2former.training.trainer import Trainer
 
 WORLD_SIZE = 2

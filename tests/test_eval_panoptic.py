@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from mask2former.data.formats.coco_panoptic import id_to_rgb
 from mask2former.evaluation.panoptic import PanopticEvaluator, gt_panoptic_from_sample, pq_stats_single
 
 try:  # panopticapi's evaluation as shipped in cityscapesscripts; only the oracle comparison needs it
@@ -90,10 +91,6 @@ def random_case(rng, size=64):
     return gt_map, gt_segments, pred_map, pred_segments
 
 
-def _id_to_rgb(segment_map):
-    return np.stack([segment_map % 256, segment_map // 256 % 256, segment_map // 65536], -1).astype(np.uint8)
-
-
 def run_oracle(cases, folder):
     """Write the cases in COCO panoptic format (PNG + JSON, dataset ids = contiguous + 1) and run panopticapi's logic."""
     if oracle is None:
@@ -103,8 +100,8 @@ def run_oracle(cases, folder):
     pairs = []
     for index, (gt_map, gt_segments, pred_map, pred_segments) in enumerate(cases):
         name = f"{index:04d}.png"
-        Image.fromarray(_id_to_rgb(gt_map)).save(folder / "gt" / name)
-        Image.fromarray(_id_to_rgb(pred_map)).save(folder / "pred" / name)
+        Image.fromarray(id_to_rgb(gt_map)).save(folder / "gt" / name)
+        Image.fromarray(id_to_rgb(pred_map)).save(folder / "pred" / name)
         gt_ann = {"image_id": index, "file_name": name, "segments_info": [{**s, "category_id": s["category_id"] + 1} for s in gt_segments]}
         pred_ann = {"image_id": index, "file_name": name, "segments_info": [{**s, "category_id": s["category_id"] + 1} for s in pred_segments]}
         pairs.append(json.loads(json.dumps((gt_ann, pred_ann))))

@@ -87,7 +87,7 @@ def test_bad_format_and_overlapping_panoptic(tmp_path, scenes):
 def test_data_root_alone_reads_every_export(tmp_path, scenes, format, dataset, layout):
     """detectron2's layout per format, so ``data.root=DIR`` alone reads what ``data export`` wrote."""
     from mask2former.config import load_config
-    from mask2former.train import build_dataset
+    from mask2former.data.build import build_dataset
 
     export_fashion_scenes(tmp_path, format, "val", 3, seed=4, image_size=(48, 64), source="subset")
     assert all((tmp_path / path).is_file() for path in layout)

@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from mask2former.config import BackboneConfig, ModelConfig, to_dict
-from mask2former.interop.checkpoint import CheckpointError
+from mask2former.interop.errors import CheckpointError
 from mask2former.interop.detectron2 import (
     convert_detectron2_checkpoint,
     save_detectron2_checkpoint,

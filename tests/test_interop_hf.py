@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from mask2former.interop.random_weights import informative_transformers_mask2former
 
 from mask2former.data.label_space import LabelSpace
-from mask2former.interop.checkpoint import CheckpointError
+from mask2former.interop.errors import CheckpointError
 from mask2former.interop.hf import convert_hf_checkpoint
 from mask2former.modeling.model import Mask2Former
 

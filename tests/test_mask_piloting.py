@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from mask2former.config import MaskPilotingConfig
 from mask2former.modeling.model import Mask2Former
+from mask2former.modeling.piloting import QueryPiloting
 from mask2former.modeling.transformer_decoder import unblock_empty_rows
 from mask2former.training.criterion import SetCriterion
 from mask2former.training.matcher import HungarianMatcher
@@ -144,6 +145,7 @@ def test_override_uses_ground_truth_at_each_level():
 
 def test_all_layers_false_pilots_layers_zero_to_three():
     piloting = MaskPiloting.build([box_target(1)], piloting_config(all_layers=False), torch.nn.Embedding(5, 8))
+    assert isinstance(piloting, QueryPiloting)  # the hooks the decoder calls, declared on the modeling side
     predicted = torch.zeros(1, 1, 2 + 3, 4, dtype=torch.bool)
     assert [piloting.override_attention_mask(predicted, (2, 2), layer) is predicted for layer in range(6)] == [
         False, False, False, False, True, True]

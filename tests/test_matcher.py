@@ -4,6 +4,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import random_targets
 
 from mask2former.training.matcher import HungarianMatcher
 from mask2former.training.point_sampling import point_sample
@@ -13,20 +14,6 @@ def box_mask(size, top, left, bottom, right):
     mask = torch.zeros(size, size, dtype=torch.bool)
     mask[top:bottom, left:right] = True
     return mask
-
-
-def random_targets(num_per_image, num_classes, size, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    targets = []
-    for count in num_per_image:
-        masks = torch.zeros(count, size, size, dtype=torch.bool)
-        for i in range(count):
-            top, left = torch.randint(0, size // 2, (2,), generator=generator).tolist()
-            height, width = torch.randint(size // 8, size // 2, (2,), generator=generator).tolist()
-            masks[i, top : top + height, left : left + width] = True
-        labels = torch.randint(0, num_classes, (count,), generator=generator)
-        targets.append({"labels": labels, "masks": masks})
-    return targets
 
 
 def hand_built_case():

@@ -396,7 +396,7 @@ def test_predictor_uses_the_order_the_model_was_built_with(tmp_path):
     from mask2former.config import load_config
     from mask2former.inference.predictor import Predictor, resize_shortest_edge
     from mask2former.modeling.model import Mask2Former
-    from mask2former.train import build_model
+    from mask2former.modeling.build import build_model
 
     image = torch.randint(0, 256, (3, 45, 70), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     for preset in ("coco_panoptic_r50", "ade20k_semantic_r50"):

@@ -15,7 +15,7 @@ from mask2former.config import load_config
 from mask2former.data import transforms as T
 from mask2former.data.color import ColorAugSSD, hsv_to_rgb, rgb_to_hsv
 from mask2former.inference.predictor import resize_shortest_edge
-from mask2former.train import build_train_transforms
+from mask2former.data.build import build_train_transforms
 
 
 def astronaut() -> torch.Tensor:

@@ -14,10 +14,10 @@ from PIL import Image
 from mask2former.cli import main
 from mask2former.config import load_config
 from mask2former.data import FashionScenes
+from mask2former.data.build import build_dataset
 from mask2former.data.export import export_fashion_scenes
 from mask2former.evaluation.evaluator import evaluate_predictions
 from mask2former.evaluation.results_files import ResultsWriter, file_stem
-from mask2former.train import build_dataset
 
 # The oracles: panopticapi (as shipped in cityscapesscripts) and pycocotools, as scripts/ runs them for users.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mask2former.interop.checkpoint import CheckpointError
+from mask2former.interop.errors import CheckpointError
 from mask2former.interop.safe_pickle import UnsafeCheckpointError, load_pickle, load_untrusted
 
 

@@ -1,8 +1,11 @@
-"""``mask2former serve``: the JSON API against a live server on an ephemeral port, and the page in headless Chromium.
+"""``mask2former serve``: the JSON API against a live uvicorn server on an ephemeral port, the app in-process
+(Starlette's TestClient), the request batcher, and the page in headless Chromium.
 
 Oracle: every API answer must equal what the Predictor and ``viz.visualize`` give for the same image, also when
-requests run in parallel.
+requests run in parallel and share a batch.
 """
+
+import asyncio
 
 import base64
 import http.client
@@ -10,11 +13,14 @@ import io
 import json
 import os
 import shutil
+import socket
+import struct
 import tempfile
 import threading
 import urllib.error
 import urllib.request
 import uuid
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -26,7 +32,7 @@ from PIL import Image
 from mask2former.data.fashion_scenes import FashionScenes, fashion_scenes_label_space
 from mask2former.inference.predictor import Predictor
 from mask2former.modeling.model import Mask2Former
-from mask2former.serve import make_server
+from mask2former.serve import BatchingPredictor, SegmentationService, create_app, make_server
 from mask2former.viz import visualize
 
 from conftest import tiny_swin_config
@@ -69,7 +75,9 @@ def predictor():
 
 @pytest.fixture(scope="module")
 def server(predictor):
-    server = make_server(predictor, "127.0.0.1", 0, max_upload_bytes=MAX_UPLOAD, max_pixels=MAX_PIXELS)
+    # a short stall limit so that the 408 test is quick; local uploads arrive at once
+    server = make_server(predictor, "127.0.0.1", 0, max_upload_bytes=MAX_UPLOAD, max_pixels=MAX_PIXELS,
+                         body_timeout_s=2.0)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield server
@@ -218,11 +226,12 @@ def test_concurrent_requests_match_single_requests(server, predictor, scenes, mo
     uploads = [png_bytes(image) for image in scenes]
     single = {job: predict(server, uploads[job[0]], job[1], score_threshold=0.2) for job in jobs}
     # count forward passes running at once: the shared model must see one at a time
-    active, most_active, counter_lock = [0], [0], threading.Lock()
+    active, most_active, counter_lock, batch_sizes = [0], [0], threading.Lock(), []
     original = predictor.predict_tasks
 
     def counting_predict_tasks(*args, **kwargs):
         with counter_lock:
+            batch_sizes.append(len(args[0]))
             active[0] += 1
             most_active[0] = max(most_active[0], active[0])
         try:
@@ -234,14 +243,125 @@ def test_concurrent_requests_match_single_requests(server, predictor, scenes, mo
 
     monkeypatch.setattr(predictor, "predict_tasks", counting_predict_tasks)
     with ThreadPoolExecutor(max_workers=8) as pool:
-        parallel = dict(zip(jobs * 2, pool.map(lambda job: predict(server, uploads[job[0]], job[1], score_threshold=0.2),
+        parallel = list(zip(jobs * 2, pool.map(lambda job: predict(server, uploads[job[0]], job[1], score_threshold=0.2),
                                                jobs * 2)))
     assert most_active[0] == 1
+    assert sum(batch_sizes) == 2 * len(jobs)  # every request went through exactly one forward pass
     assert len({json.dumps(answered_rows(single[(i, "panoptic")][1])) for i in range(len(scenes))}) == len(scenes)
-    for job in jobs:
-        assert parallel[job][0] == 200 and single[job][0] == 200
-        assert answered_rows(parallel[job][1]) == answered_rows(single[job][1]), job
-        assert parallel[job][1]["overlay_png"] == single[job][1]["overlay_png"], job
+    for job, (status, body) in parallel:
+        assert status == 200 and single[job][0] == 200
+        # batched scores may differ from single ones in the last float bits (as test_predictor allows)
+        assert_same_rows(answered_rows(body), answered_rows(single[job][1]), job)
+        assert body["overlay_png"] == single[job][1]["overlay_png"], job
+
+
+def assert_same_rows(got, expected, where):
+    """Equal rows, floats to 1e-5."""
+    assert len(got) == len(expected), where
+    for row, other in zip(got, expected):
+        for a, b in zip(row, other):
+            if isinstance(a, float):
+                assert b == pytest.approx(a, rel=1e-5, abs=1e-5), where
+            else:
+                assert a == b, where
+
+
+def test_requests_waiting_together_share_one_forward(predictor, scenes):
+    # The model thread is held in the first forward while five more requests queue; they then go as one batch of
+    # max_batch_size=4 (mixed tasks) and one of 1, and each answer equals the single-image Predictor result.
+    calls, gate = [], threading.Event()
+
+    class HeldPredictor:
+        batch_size = 4
+
+        def predict_tasks(self, images, tasks):
+            calls.append((len(images), tuple(tasks)))
+            if len(calls) == 1:
+                assert gate.wait(60)
+            return predictor.predict_tasks(images, tasks)
+
+    jobs = [(0, "panoptic"), (1, "semantic"), (2, "panoptic"), (3, "instance"), (0, "semantic"), (1, "instance")]
+
+    async def scenario():
+        batcher = BatchingPredictor(HeldPredictor(), max_batch_size=4, max_wait_ms=0)
+        await batcher.start()
+        try:
+            futures = [asyncio.ensure_future(batcher.predict(scenes[jobs[0][0]], jobs[0][1]))]
+            while not calls:  # until the first request is inside the model
+                await asyncio.sleep(0.01)
+            futures += [asyncio.ensure_future(batcher.predict(scenes[i], task)) for i, task in jobs[1:]]
+            for _ in range(10):  # let every request reach the queue
+                await asyncio.sleep(0)
+            gate.set()
+            return await asyncio.gather(*futures)
+        finally:
+            await batcher.stop()
+
+    answers = asyncio.run(scenario())
+    assert calls == [(1, ("panoptic",)), (4, ("semantic", "panoptic", "instance")), (1, ("instance",))]
+    assert [answer.batch_size for answer in answers] == [1, 4, 4, 4, 4, 1]
+    for (index, task), answer in zip(jobs, answers):
+        single = predictor.predict_tasks([scenes[index]], (task,))[0][task]
+        if task == "semantic":
+            assert torch.equal(answer.result, single)
+        elif task == "panoptic":
+            assert torch.equal(answer.result[0], single[0])
+            assert_same_rows([tuple(s.values()) for s in answer.result[1]], [tuple(s.values()) for s in single[1]],
+                             task)
+        else:
+            assert torch.equal(answer.result["labels"], single["labels"])
+            assert torch.equal(answer.result["masks"], single["masks"])
+            torch.testing.assert_close(answer.result["scores"], single["scores"], atol=1e-5, rtol=1e-5)
+
+
+def test_a_failing_forward_answers_every_request_in_its_batch(predictor, scenes):
+    class FailingOnce:
+        batch_size = 4
+        calls = 0
+
+        def predict_tasks(self, images, tasks):
+            FailingOnce.calls += 1
+            if FailingOnce.calls == 1:
+                raise RuntimeError("out of memory in the test")
+            return predictor.predict_tasks(images, tasks)
+
+    async def scenario():
+        batcher = BatchingPredictor(FailingOnce(), max_batch_size=4, max_wait_ms=50)
+        await batcher.start()
+        try:
+            first = await asyncio.gather(*(batcher.predict(scenes[i], "semantic") for i in range(3)),
+                                         return_exceptions=True)
+            return first, await batcher.predict(scenes[0], "semantic")
+        finally:
+            await batcher.stop()
+
+    failed, after = asyncio.run(scenario())
+    # the three requests may form one batch or several; those in the failing one get its error, none hangs
+    expected = [predictor.predict_tasks([scenes[i]], ("semantic",))[0]["semantic"] for i in range(3)]
+    assert all(isinstance(a, RuntimeError) or torch.equal(a.result, e) for a, e in zip(failed, expected))
+    assert isinstance(failed[0], RuntimeError) and "out of memory" in str(failed[0])
+    assert torch.equal(after.result, predictor.predict_tasks([scenes[0]], ("semantic",))[0]["semantic"])
+
+
+def test_app_in_process_500_and_openapi(scenes):
+    from starlette.testclient import TestClient
+
+    broken = Predictor(make_model())
+    broken.predict_tasks = lambda images, tasks: (_ for _ in ()).throw(ValueError("weights are\nNaN"))
+    app = create_app(SegmentationService(broken, max_upload_bytes=MAX_UPLOAD, max_pixels=MAX_PIXELS))
+    with TestClient(app, base_url="http://127.0.0.1:8000", raise_server_exceptions=False) as client:
+        response = client.post("/api/predict?task=semantic", content=png_bytes(scenes[0]),
+                               headers={"Content-Type": "image/png"})
+        assert response.status_code == 500
+        assert response.json() == {"error": "internal error: ValueError: weights are NaN", "status": 500}
+        assert client.get("/api/health").status_code == 200  # the server goes on
+        schema = client.get("/api/openapi.json").json()
+        assert {path: sorted(ops) for path, ops in schema["paths"].items()} == {
+            "/api/health": ["get"], "/api/classes": ["get"], "/api/predict": ["post"]}
+        body = schema["paths"]["/api/predict"]["post"]["requestBody"]["content"]
+        assert set(body) == {"image/*", "application/octet-stream", "multipart/form-data"}
+        # Host checking is on for a loopback server: TestClient's default Host name is refused
+        assert client.get("/api/health", headers={"Host": "testserver"}).status_code == 403
 
 
 # --------------------------------------------------------------------------------------------------- errors
@@ -287,11 +407,69 @@ def test_image_too_many_pixels(server):
     assert predict(server, png_bytes(np.zeros((192, 256, 3), dtype=np.uint8)), "semantic")[0] == 200
 
 
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that declares ``width x height`` RGB pixels but carries a sliver of data: a decompression bomb's header."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 4096)) + chunk(b"IEND", b"")
+
+
+def test_decompression_bombs_are_refused_from_the_header(server):
+    # 3000x3000 passes PIL's own bomb check (a warning) and is refused by the server's pixel limit before decoding;
+    # 30000x30000 is refused by PIL when the header is read. Neither is decompressed.
+    assert_error(predict(server, png_header_only(3000, 3000), "panoptic"), 413,
+                 f"3000x3000 = 9000000 pixels; the limit is {MAX_PIXELS}")
+    assert_error(predict(server, png_header_only(30000, 30000), "panoptic"), 413, "image too large")
+    # a real one: 16 MB of zeros that compress to a few kB, within the upload limit
+    bomb = png_bytes(np.zeros((2048, 2048, 3), dtype=np.uint8))
+    assert len(bomb) < MAX_UPLOAD
+    assert_error(predict(server, bomb, "semantic"), 413, "2048x2048 = 4194304 pixels")
+
+
+def raw_exchange(server, head: str, body: bytes = b"", timeout: float = 30.0) -> tuple[int, dict]:
+    """Send a hand-made request (head + possibly partial body) on a socket; (status, JSON) of the answer."""
+    host, port = server.server_address[:2]
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        sock.sendall(head.replace("\n", "\r\n").encode("latin-1") + b"\r\n" + body)
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        return response.status, json.loads(response.read())
+
+
+def test_stalled_upload_expect_continue_and_chunked(server, scenes):
+    # 408: the body stops arriving (the fixture's stall limit is 2 s)
+    head = ("POST /api/predict?task=semantic HTTP/1.1\nHost: 127.0.0.1\nContent-Type: image/png\n"
+            "Content-Length: 1000\n")
+    assert_error(raw_exchange(server, head, b"\x89PNG" + b"0" * 10), 408, "timed out after 14 bytes")
+    # 413 before any byte of the body is sent, when the client waits for "100 Continue"
+    head = ("POST /api/predict?task=semantic HTTP/1.1\nHost: 127.0.0.1\nContent-Type: image/png\n"
+            f"Content-Length: {MAX_UPLOAD + 1}\nExpect: 100-continue\n")
+    assert_error(raw_exchange(server, head), 413, f"the limit is {MAX_UPLOAD} bytes")
+    # chunked uploads are counted as they arrive: within the limit they work, beyond it they are refused
+    host, port = server.server_address[:2]
+    upload = png_bytes(scenes[2])
+    answers = []
+    for parts in ([upload[:1000], upload[1000:]], [b"\0" * 60_000] * 4):
+        connection = http.client.HTTPConnection(host, port, timeout=60)
+        connection.request("POST", "/api/predict?task=semantic&overlay=0", body=iter(parts), encode_chunked=True,
+                           headers={"Content-Type": "image/png", "Transfer-Encoding": "chunked"})
+        response = connection.getresponse()
+        answers.append((response.status, json.loads(response.read())))
+        connection.close()
+    assert answers[0][0] == 200 and answers[0][1]["classes"] == predict(server, upload, "semantic", overlay=0)[1]["classes"]
+    assert_error(answers[1], 413, f"the limit is {MAX_UPLOAD} bytes")
+
+
 def test_routes_methods_length_and_host(server):
     assert_error(call(server, "/api/predict"), 405, "use POST")
     assert_error(call(server, "/nothing/here"), 404, "/nothing/here")
     assert_error(call(server, "/api/health", b"x", {"Content-Type": "image/png"}), 405, "POST")
-    assert_error(call(server, "/api/predict", b"x", {"Content-Type": "image/png"}, method="PUT"), 501, "PUT")
+    assert_error(call(server, "/api/predict", b"x", {"Content-Type": "image/png"}, method="PUT"), 405, "PUT")
+    head = urllib.request.Request(server.url + "api/health", method="HEAD")
+    with urllib.request.urlopen(head, timeout=10) as response:
+        assert response.status == 200 and response.read() == b""
     host, port = server.server_address[:2]
     connection = http.client.HTTPConnection(host, port, timeout=10)
     connection.putrequest("POST", "/api/predict?task=panoptic")

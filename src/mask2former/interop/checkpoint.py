@@ -1,8 +1,8 @@
-"""Our checkpoint format (``config.yaml`` + ``model.safetensors``) and the dispatch to foreign formats."""
+"""Our checkpoint format (``config.yaml`` + ``model.safetensors``), the dispatch to the foreign formats' readers,
+and the checked load of a state dict into a model (``modeling/pretrained.py`` builds the model)."""
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
 from pathlib import Path
 from typing import Any
@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from ..config import ModelConfig, from_dict, to_dict
+from .errors import CheckpointError
 
 # Tensors whose size depends on the class count (MP-Former adds a label embedding).
 CLASS_HEAD_KEYS = (
@@ -19,10 +20,6 @@ CLASS_HEAD_KEYS = (
     "transformer_decoder.heads.class_embed.bias",
     "transformer_decoder.label_embed.weight",
 )
-
-
-class CheckpointError(ValueError):
-    pass
 
 
 def save_pretrained(model: nn.Module, path: str | Path, extra: dict[str, Any] | None = None) -> None:
@@ -36,40 +33,38 @@ def save_pretrained(model: nn.Module, path: str | Path, extra: dict[str, Any] | 
     save_file(state, str(path / "model.safetensors"), metadata={"format": "pt", "library": "mask2former"})
 
 
-def load_pretrained(cls, path: str | Path, config: str | None = None, num_classes: int | None = None,
-                    map_location: str = "cpu"):
+def read_checkpoint(path: str | Path, config: str | None = None
+                    ) -> tuple[ModelConfig, dict[str, Tensor], dict[str, Any] | None, str]:
+    """``(model config, state dict in our names, labels, description)`` of our directory (``config.yaml`` +
+    ``model.safetensors``), a transformers directory (``config.json``) or a detectron2 ``.pkl``/``.pth``
+    (``config``: the preset it was trained with)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
     if path.is_dir() and (path / "config.yaml").exists():
         document = yaml.safe_load((path / "config.yaml").read_text()) or {}
         model_config = from_dict(ModelConfig, document.get("model", {}), "model")
-        state = load_file(str(path / _weights_file(path)), device=map_location)
-        labels = document.get("labels")
-        source = str(path)
-    elif path.is_dir() and (path / "config.json").exists():
+        state = load_file(str(path / _weights_file(path)))
+        return model_config, state, document.get("labels"), str(path)
+    if path.is_dir() and (path / "config.json").exists():
         from .hf import convert_hf_checkpoint
 
-        model_config, state, labels = convert_hf_checkpoint(path)
-        source = f"transformers checkpoint {path}"
-    elif path.suffix == ".pkl" or path.suffix == ".pth":
+        return (*convert_hf_checkpoint(path), f"transformers checkpoint {path}")
+    if path.suffix == ".pkl" or path.suffix == ".pth":
         from .detectron2 import convert_detectron2_checkpoint
 
-        model_config, state, labels = convert_detectron2_checkpoint(path, config)
-        source = f"detectron2 checkpoint {path}"
-    else:
-        raise CheckpointError(
-            f"{path}: not a checkpoint (expected a directory with config.yaml or config.json, or a detectron2 .pkl)"
-        )
-    if num_classes is not None and num_classes != model_config.num_classes:
-        model_config = dataclasses.replace(model_config, num_classes=num_classes)
-        labels = None
-    from ..modeling.backbone import skip_imagenet_weights
+        return (*convert_detectron2_checkpoint(path, config), f"detectron2 checkpoint {path}")
+    raise CheckpointError(
+        f"{path}: not a checkpoint (expected a directory with config.yaml or config.json, or a detectron2 .pkl)"
+    )
 
-    with skip_imagenet_weights():  # the checkpoint replaces them: no ImageNet weights file needed
-        model = cls(model_config, labels=labels)
-    load_state_dict_checked(model, state, source)
-    return model.to(map_location)
+
+def load_pretrained(cls, path: str | Path, config: str | None = None, num_classes: int | None = None,
+                    map_location: str = "cpu"):
+    """Second pass: ``Mask2Former.from_pretrained`` imports ``modeling.pretrained`` directly; then delete this."""
+    from ..modeling.pretrained import load_pretrained as load
+
+    return load(cls, path, config=config, num_classes=num_classes, map_location=map_location)
 
 
 def _weights_file(path: Path) -> str:

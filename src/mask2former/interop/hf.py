@@ -37,7 +37,7 @@ from torch import Tensor
 
 from ..config import BackboneConfig, ModelConfig
 from ..modeling.swin import SWIN_SPECS, SwinSpec
-from .checkpoint import CheckpointError
+from .errors import CheckpointError
 
 __all__ = ["convert_hf_checkpoint", "hf_config_to_model_config", "convert_hf_state_dict"]
 

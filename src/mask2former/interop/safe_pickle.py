@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checkpoint import CheckpointError
+from .errors import CheckpointError
 
 try:  # numpy >= 2 pickles name numpy._core; files written by numpy 1.x name numpy.core
     from numpy._core import multiarray as _multiarray

@@ -101,8 +101,10 @@ class Mask2Former(nn.Module):
         if divisor <= 1:
             return images
         pad_h, pad_w = -images.shape[-2] % divisor, -images.shape[-1] % divisor
-        if pad_h == 0 and pad_w == 0:
-            return images  # nothing added to the graph (ONNX export runs at divisible sizes)
+        # Under tracing (ONNX export) the sizes are 0-dim tensors and the pad always stays in the graph, so one
+        # exported file pads every input size; in eager mode a divisible batch is passed through untouched.
+        if not torch.jit.is_tracing() and pad_h == 0 and pad_w == 0:
+            return images
         return F.pad(images, (0, pad_w, 0, pad_h))
 
     def forward(self, images: Tensor, piloting=None, aux_outputs: bool = True) -> Mask2FormerOutput:

@@ -53,6 +53,15 @@ def ms_deform_attn_core_pytorch(
     return output.view(batch, heads * head_dim, num_queries).transpose(1, 2)
 
 
+def level_sizes_wh(spatial_shapes: list[tuple[int, int]], dtype: torch.dtype, device) -> Tensor:
+    """[L, 2] (width, height) of every level. Under tracing the sizes are 0-dim tensors read from the input's
+    shape: stacking them keeps them in the graph (``torch.tensor`` would freeze the export size into it)."""
+    if torch.jit.is_tracing():
+        return torch.stack([torch.stack([torch.as_tensor(w), torch.as_tensor(h)]) for h, w in spatial_shapes]).to(
+            dtype=dtype, device=device)
+    return torch.tensor([[w, h] for h, w in spatial_shapes], dtype=dtype, device=device)
+
+
 class MSDeformAttn(nn.Module):
     """Each query attends to ``num_points`` learned offsets around its reference point on every level."""
 
@@ -101,7 +110,7 @@ class MSDeformAttn(nn.Module):
             query = query.to(self.sampling_offsets.weight.dtype)
             # Offsets are in pixels of each level: dividing the layer's weight and bias by that level's (width,
             # height) normalises them without a pass over the [B, Lq, heads, L, P, 2] offsets.
-            normalizer = torch.tensor([[w, h] for h, w in spatial_shapes], dtype=query.dtype, device=query.device)
+            normalizer = level_sizes_wh(spatial_shapes, query.dtype, query.device)
             scale = normalizer.view(1, levels, 1, 2).expand(heads, levels, points, 2).reshape(-1)
             offsets = F.linear(query, self.sampling_offsets.weight / scale[:, None], self.sampling_offsets.bias / scale)
             offsets = offsets.view(batch, num_queries, heads, levels, points, 2)

@@ -230,7 +230,11 @@ class SwinTransformer(nn.Module):
         for stage, norm in zip(self.layers, self.norms):
             for block in stage.blocks:
                 x = block(x)
-            features.append(norm(x).permute(0, 3, 1, 2).contiguous())
+            # Under bf16/fp16 the NCHW-shaped output stays channels-last in memory (a view): the pixel decoder's
+            # convolutions take it as it is and flattening back to tokens is a view too. fp32 keeps the NCHW copy:
+            # a channels-last convolution sums in another order (~1e-4 apart from transformers' outputs).
+            feature = norm(x).permute(0, 3, 1, 2)
+            features.append(feature if feature.dtype in (torch.bfloat16, torch.float16) else feature.contiguous())
             if stage.downsample is not None:
                 x = stage.downsample(x)
         return features

@@ -110,10 +110,6 @@ class SetCriterion(nn.Module):
         # Not persistent: the criterion's constants do not belong in model checkpoints.
         self.register_buffer("empty_weight", class_weights, persistent=False)
 
-    @property
-    def weight_dict(self) -> dict[str, float]:
-        return {"loss_ce": self.class_weight, "loss_mask": self.mask_weight, "loss_dice": self.dice_weight}
-
     @staticmethod
     def total_loss(losses: dict[str, Tensor]) -> Tensor:
         """Sum of the (already weighted) loss terms."""

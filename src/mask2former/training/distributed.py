@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import datetime
 import os
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -104,32 +103,10 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def get_rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def get_world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def is_main_process() -> bool:
-    return get_rank() == 0
-
-
 def barrier() -> None:
     """Wait for all processes (no-op in one process)."""
     if is_distributed():
         dist.barrier()
-
-
-@contextmanager
-def main_process_first() -> Iterator[None]:
-    """Rank 0 runs the body first (e.g. to build a cache), the others after it."""
-    if not is_main_process():
-        barrier()
-    yield
-    if is_main_process():
-        barrier()
 
 
 def all_reduce_mean(values: dict[str, float | torch.Tensor], device: torch.device | None = None) -> dict[str, float]:
@@ -196,6 +173,21 @@ def per_device_batch_size(global_batch_size: int, world_size: int, accumulation_
 def unused_parameters(model: nn.Module) -> list[str]:
     """Names of trainable parameters that got no gradient in the last backward pass (call after one)."""
     return [name for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
+
+
+def probe_unused_parameters(model: nn.Module, loss_fn: Callable[[], torch.Tensor], device: torch.device) -> list[str]:
+    """One forward/backward (``loss_fn()``) without side effects (global RNGs, buffers and grads restored) to see
+    which parameters get no gradient, which DDP must be told about. The caller restores its own generators."""
+    buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
+    devices = [device.index] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        loss_fn().backward()
+    unused = unused_parameters(model)
+    model.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            buffer.copy_(buffers[name])
+    return unused
 
 
 def wrap_ddp(model: nn.Module, context: DistributedContext, find_unused_parameters: bool = False,

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import MaskPilotingConfig
+from ..modeling.piloting import QueryPiloting
 from .criterion import Indices, compute_num_masks, prepare_targets
 
 __all__ = [
@@ -76,9 +77,9 @@ def direct_assignment(counts: list[int], num_groups: int, max_num: int) -> Indic
     return indices
 
 
-class MaskPiloting:
-    """The piloting queries of one training batch; the decoder calls ``extend_queries`` and
-    ``override_attention_mask``, the model ``split_predictions`` (see the module docstring).
+class MaskPiloting(QueryPiloting):
+    """The piloting queries of one training batch (``modeling.piloting.QueryPiloting``): the decoder calls
+    ``extend_queries`` and ``override_attention_mask``, the model ``split_predictions`` (see the module docstring).
 
     Build it with :meth:`build` (or :func:`build_mask_piloting`). The label-embedding lookup happens in
     ``extend_queries``, i.e. inside the model's forward (as DDP and autocast expect)."""
@@ -275,11 +276,6 @@ class MaskPilotingCriterion(nn.Module):
     @property
     def matcher(self) -> nn.Module:
         return self.criterion.matcher
-
-    @staticmethod
-    def total_loss(losses: dict[str, Tensor]) -> Tensor:
-        """Sum of the (already weighted) loss terms."""
-        return sum(losses.values())
 
     def forward(
         self, outputs: Any, targets: list[dict], return_indices: bool = False, generator: torch.Generator | None = None,

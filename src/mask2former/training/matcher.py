@@ -19,7 +19,7 @@ COST_LIMIT = 1e10
 
 
 def validate_targets(targets: list[dict], num_classes: int, batch_size: int) -> None:
-    """Raise a one-line ValueError for a malformed target list (see INTERFACES.md, criterion targets)."""
+    """Raise a one-line ValueError for a malformed target list (see ``data.contracts.CriterionTarget``)."""
     if len(targets) != batch_size:
         raise ValueError(f"targets: got {len(targets)} target dicts for a batch of {batch_size} predictions")
     for index, target in enumerate(targets):

@@ -11,6 +11,8 @@ import matplotlib
 matplotlib.use("Agg")  # no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
+from ..config import TestConfig  # noqa: E402
+
 
 def read_metrics(path: str | Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Training rows (with a ``loss``) and evaluation rows (with ``eval``) of a ``metrics.jsonl``."""
@@ -56,16 +58,18 @@ def plot_curves(metrics_path: str | Path, out_path: str | Path) -> Path:
     return out_path
 
 
-def write_overlays(model, val_dataset, label_space, out_dir: str | Path, task: str, count: int = 6,
-                   precision: str = "fp32", min_size: int | None = None, max_size: int | None = None) -> list[Path]:
-    """Ground truth next to the prediction for the first ``count`` validation images."""
+def write_overlays(model, val_dataset, label_space, out_dir: str | Path, test: TestConfig, count: int = 6,
+                   precision: str = "fp32") -> list[Path]:
+    """Ground truth next to the prediction for the first ``count`` validation images, predicted for ``test.task``
+    with every ``test`` setting (sizes, thresholds, ``top_k``)."""
     from ..inference.predictor import Predictor
     from ..viz import compare
 
+    task = test.task
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     predictor = Predictor(model, task=task, device=next(model.parameters()).device, label_space=label_space,
-                          precision=precision, min_size=min_size, max_size=max_size)
+                          precision=precision, **test.predictor_options())
     paths = []
     for index in range(min(count, len(val_dataset))):
         sample = val_dataset[index]

@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import random
 from contextlib import contextmanager
+from functools import partial
 from typing import Any, Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler
+
+from ..data.collate import collate
 
 
 def derive_seed(*values: int) -> int:
@@ -134,3 +137,23 @@ class SeededDataset(Dataset):
         if name in ("dataset", "seed"):
             raise AttributeError(name)
         return getattr(self.dataset, name)
+
+
+def build_train_loader(dataset: Any, sampler: TrainSampler, batch_size: int, num_workers: int,
+                       size_divisibility: int, pin_memory: bool) -> DataLoader:
+    """Collated batches of ``batch_size`` samples in ``sampler``'s order, each sample loaded under its own seed
+    (:class:`SeededDataset`)."""
+    batches = BatchSampler(sampler, batch_size, drop_last=False)
+    # An explicit generator keeps DataLoader from drawing its base seed from the global torch RNG (which would
+    # make the training random stream depend on when iterators are created).
+    generator = torch.Generator().manual_seed(derive_seed(sampler.seed, 3, sampler.rank))
+    return DataLoader(
+        SeededDataset(dataset, sampler.seed),
+        batch_sampler=batches,
+        num_workers=num_workers,
+        collate_fn=partial(collate, size_divisibility=size_divisibility),
+        pin_memory=pin_memory,
+        generator=generator,
+        persistent_workers=False,
+        prefetch_factor=2 if num_workers > 0 else None,
+    )

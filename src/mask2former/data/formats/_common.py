@@ -8,6 +8,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from ..contracts import Sample
 
 Transforms = Callable[[dict[str, Any]], dict[str, Any]] | None
 
@@ -20,8 +21,8 @@ def make_sample(
     semantic: np.ndarray | torch.Tensor,
     image_id: str | int,
     file_name: str,
-) -> dict[str, Any]:
-    """Build the sample dict of INTERFACES.md with the exact dtypes."""
+) -> Sample:
+    """Build the :class:`~mask2former.data.contracts.Sample` dict with the exact dtypes."""
     height, width = int(image.shape[-2]), int(image.shape[-1])
     masks = torch.as_tensor(np.asarray(masks, dtype=bool) if not torch.is_tensor(masks) else masks).to(torch.bool)
     if masks.numel() == 0:

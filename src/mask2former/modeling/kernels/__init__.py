@@ -7,9 +7,10 @@ MSDeformAttn's sampling core has three implementations with one contract (``ms_d
 - ``"cpu"``: ``cpu_ms_deform_attn.ms_deform_attn_cpu`` (a C kernel built with the system compiler on first use).
 
 ``"auto"`` (the default) takes Triton for CUDA tensors when Triton imports and the GPU is new enough, the C kernel
-for CPU tensors, and the PyTorch path everywhere else (ONNX export, tracing, torch.compile). A kernel that fails to
-build in "auto" mode is reported once with a warning and that device uses the PyTorch path. Force a backend with
-the environment variable ``MASK2FORMER_MSDA_BACKEND=auto|triton|cpu|pytorch`` or in code with
+for CPU tensors, and the PyTorch path everywhere else (ONNX export, tracing, torch.compile; under torch.compile the
+CPU kernel's bf16 inference forward, a registered operator, is kept once the kernel has run eagerly). A kernel
+that fails to build in "auto" mode is reported once with a warning and that device uses the PyTorch path. Force a
+backend with the environment variable ``MASK2FORMER_MSDA_BACKEND=auto|triton|cpu|pytorch`` or in code with
 ``set_ms_deform_attn_backend`` / ``with ms_deform_attn_backend("pytorch"): ...`` (code wins over the environment).
 Forcing ``"triton"`` or ``"cpu"`` raises where it cannot run instead of falling back; Triton on the CPU only runs
 under ``TRITON_INTERPRET=1`` (slow, for tests).
@@ -115,8 +116,12 @@ def _auto_kernel(value: Tensor) -> Callable | None:
     """The kernel "auto" takes for ``value``, or None for the PyTorch path."""
     if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
         return None
-    if torch.compiler.is_compiling() or str(value.device) in _failed_devices:
+    if str(value.device) in _failed_devices:
         return None
+    if torch.compiler.is_compiling():
+        # Of the kernels only the CPU bf16 inference forward is a registered operator that a compiled graph can hold.
+        cpu_bf16 = value.device.type == "cpu" and value.dtype == torch.bfloat16 and not torch.is_grad_enabled()
+        return _cpu_kernel if cpu_bf16 and str(value.device) in _verified_devices else None
     if value.device.type == "cpu":
         return _cpu_kernel
     if not value.is_cuda or torch.version.hip is not None:

@@ -3,7 +3,12 @@
 Same contract as ``ms_deform_attn_core``: value [B, S, heads, D], sampling_locations [B, Lq, heads, L, P, 2] in
 [0, 1] as (x, y), attention_weights [B, Lq, heads, L, P] -> [B, Lq, heads*D], bilinear with ``align_corners=False``
 and zero padding. It computes in fp32 (fp64 if any input is fp64); other dtypes are cast, as the ``grid_sample``
-path casts them.
+path casts them. One exception, for inference: a bfloat16 ``value`` with nothing requiring a gradient (bf16 autocast
+with the pixel decoder in bf16) is read as bfloat16 by a forward-only variant that sums each output row in fp32 and
+returns it rounded to bfloat16 (which the output projection casts it to under autocast anyway). It saves the cast
+of ``value`` and half of the gather's memory traffic, but the gather is latency- rather than bandwidth-bound: on
+Swin-T at 512^2 it is no faster end to end than the fp32 kernel (benchmarks/forward_vs_transformers.py). Being a
+registered operator, it is what lets a torch.compile'd bf16 graph keep the C kernel instead of grid_sample.
 
 Why: the ``grid_sample`` path materialises every sample ([B*heads, D, P*Lq] per level) and weights it in separate
 passes, forward and backward; on the CPU those passes are memory-bound and took most of the pixel decoder's time.
@@ -36,9 +41,16 @@ __all__ = ["CompileError", "cache_dir", "load_library", "ms_deform_attn_cpu"]
 
 SOURCE = Path(__file__).with_name("ms_deform_attn_cpu.c")
 _SCALARS = {torch.float32: "float", torch.float64: "double"}
+# What each library variant is compiled with ("bfloat16": bf16 value and output, fp32 sums; forward only).
+_DEFINES = {"float": ["-DSCALAR=float"], "double": ["-DSCALAR=double"],
+            "bfloat16": ["-DSCALAR=float", "-DVALUE_BF16"]}
 # Tried in order: the first set the compiler accepts is used (without OpenMP, e.g. Apple's clang, the kernel runs on
 # one thread; without -march=native, with the compiler's baseline vector instructions).
 _FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-fopenmp"], ["-O3", "-march=native"], ["-O3"])
+
+
+# Whether a bfloat16 value without gradients takes the bf16 forward (benchmarks switch it off to compare).
+BF16_FORWARD = True
 
 
 class CompileError(RuntimeError):
@@ -72,12 +84,12 @@ def _cpu_signature() -> str:
 
 @functools.lru_cache(maxsize=None)
 def load_library(scalar: str) -> ctypes.CDLL:
-    """The kernel for ``scalar`` ("float" or "double"), compiled on first use and cached on disk."""
+    """The kernel for ``scalar`` ("float", "double" or "bfloat16"), compiled on first use and cached on disk."""
     compiler = _compiler()
     source = SOURCE.read_bytes()
     errors = []
     for flags in _FLAG_SETS:
-        command = [compiler, *flags, "-shared", "-fPIC", f"-DSCALAR={scalar}"]
+        command = [compiler, *flags, "-shared", "-fPIC", *_DEFINES[scalar]]
         key = hashlib.sha256(b"\0".join([source, " ".join(command).encode(), _cpu_signature().encode()]))
         target = cache_dir() / f"ms_deform_attn_cpu_{scalar}_{key.hexdigest()[:16]}.so"
         if not target.exists():
@@ -98,8 +110,10 @@ def load_library(scalar: str) -> ctypes.CDLL:
         library = ctypes.CDLL(str(target))
         pointer, index = ctypes.c_void_p, ctypes.c_int64
         library.msda_forward.argtypes = [pointer] * 5 + [index] * 7 + [ctypes.c_int]
-        library.msda_backward.argtypes = [pointer] * 8 + [index] * 7 + [ctypes.c_int]
-        library.msda_forward.restype = library.msda_backward.restype = None
+        library.msda_forward.restype = None
+        if scalar != "bfloat16":
+            library.msda_backward.argtypes = [pointer] * 8 + [index] * 7 + [ctypes.c_int]
+            library.msda_backward.restype = None
         return library
     raise CompileError(f"could not compile {SOURCE.name}: {'; '.join(errors)}")
 
@@ -130,9 +144,10 @@ class _MSDeformAttnFunction(torch.autograd.Function):
         _, queries, _, num_levels, points, _ = sampling_locations.shape
         library = load_library(_SCALARS[value.dtype])
         output = torch.empty(batch, queries, heads, head_dim, dtype=value.dtype)
-        library.msda_forward(value.data_ptr(), levels.data_ptr(), sampling_locations.data_ptr(),
-                             attention_weights.data_ptr(), output.data_ptr(), batch, tokens, queries, heads, head_dim,
-                             num_levels, points, torch.get_num_threads())
+        with torch.profiler.record_function("mask2former::msda_forward"):  # named in profiles
+            library.msda_forward(value.data_ptr(), levels.data_ptr(), sampling_locations.data_ptr(),
+                                 attention_weights.data_ptr(), output.data_ptr(), batch, tokens, queries, heads,
+                                 head_dim, num_levels, points, torch.get_num_threads())
         ctx.save_for_backward(value, levels, sampling_locations, attention_weights)
         return output.view(batch, queries, heads * head_dim)
 
@@ -158,6 +173,36 @@ def ms_deform_attn_cpu(value: Tensor, spatial_shapes, sampling_locations: Tensor
     back to each input's own dtype."""
     _check_inputs(value, spatial_shapes, sampling_locations, attention_weights)
     inputs = (value, sampling_locations, attention_weights)
+    if (BF16_FORWARD and value.dtype == torch.bfloat16 and all(t.dtype != torch.float64 for t in inputs)
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in inputs))):
+        return _forward_bf16(value, spatial_shapes, sampling_locations, attention_weights)
     dtype = torch.float64 if any(t.dtype == torch.float64 for t in inputs) else torch.float32
     value, sampling_locations, attention_weights = (t.to(dtype).contiguous() for t in inputs)
     return _MSDeformAttnFunction.apply(value, _level_table(spatial_shapes), sampling_locations, attention_weights)
+
+
+def _forward_bf16(value: Tensor, spatial_shapes, sampling_locations: Tensor, attention_weights: Tensor) -> Tensor:
+    """Inference forward with a bfloat16 ``value``: fp32 locations and weights, fp32 sums, bfloat16 output."""
+    sampling_locations, attention_weights = (t.float().contiguous() for t in (sampling_locations, attention_weights))
+    return msda_forward_bf16(value.contiguous(), _level_table(spatial_shapes), sampling_locations, attention_weights)
+
+
+# A registered operator, so that it is named in profiles and torch.compile can keep it in a graph as one opaque call.
+@torch.library.custom_op("mask2former::msda_forward_bf16", mutates_args=(), device_types="cpu")
+def msda_forward_bf16(value: Tensor, levels: Tensor, sampling_locations: Tensor, attention_weights: Tensor) -> Tensor:
+    """The bf16 C forward: value [B, S, heads, D] bf16, levels [L, 3] int64, fp32 locations and weights (contiguous)
+    -> [B, Lq, heads*D] bf16."""
+    batch, tokens, heads, head_dim = value.shape
+    _, queries, _, num_levels, points, _ = sampling_locations.shape
+    output = torch.empty(batch, queries, heads, head_dim, dtype=torch.bfloat16)
+    with torch.profiler.record_function("mask2former::msda_forward_bf16"):  # eager custom ops are not recorded
+        load_library("bfloat16").msda_forward(
+            value.data_ptr(), levels.data_ptr(), sampling_locations.data_ptr(), attention_weights.data_ptr(),
+            output.data_ptr(), batch, tokens, queries, heads, head_dim, num_levels, points, torch.get_num_threads())
+    return output.view(batch, queries, heads * head_dim)
+
+
+@msda_forward_bf16.register_fake
+def _(value: Tensor, levels: Tensor, sampling_locations: Tensor, attention_weights: Tensor) -> Tensor:
+    batch, _, heads, head_dim = value.shape
+    return value.new_empty(batch, sampling_locations.shape[1], heads * head_dim)

@@ -1,7 +1,7 @@
 /* Multi-scale deformable attention sampling core for the CPU, forward and backward.
  *
- * Compiled at run time by cpu_ms_deform_attn.py, once per SCALAR (float or double, set on the command line), and
- * called through ctypes. All tensors are contiguous:
+ * Compiled at run time by cpu_ms_deform_attn.py, once per SCALAR (float or double, set on the command line; float
+ * with VALUE_BF16 for the bfloat16 inference forward), and called through ctypes. All tensors are contiguous:
  *   value [B, S, H, D]; locations [B, Q, H, L, P, 2] as (x, y) in [0, 1]; weights [B, Q, H, L, P];
  *   output [B, Q, H, D]; levels [L, 3] int64 as (height, width, first token).
  * Sampling is bilinear with align_corners=False and zero padding, as grid_sample does: pixel x = x * width - 0.5.
@@ -17,6 +17,25 @@
 #include <string.h>
 
 typedef SCALAR scalar_t;
+
+/* VALUE_BF16 (inference only, with SCALAR=float): value and output are bfloat16 (raw uint16 bits), locations and
+ * weights float; each output row is summed in float and rounded to bfloat16 once, at the end. No backward. */
+#ifdef VALUE_BF16
+typedef uint16_t value_t;
+static inline float load_value(value_t v) {
+    union { uint32_t u; float f; } c = {.u = (uint32_t)v << 16};
+    return c.f;
+}
+static inline value_t store_value(float f) { /* round to nearest even, NaN stays NaN */
+    union { uint32_t u; float f; } c = {.f = f};
+    if (f != f) return 0x7fc0;
+    return (value_t)((c.u + 0x7fffu + ((c.u >> 16) & 1u)) >> 16);
+}
+#else
+typedef scalar_t value_t;
+#define load_value(v) (v)
+#define store_value(v) (v)
+#endif
 
 /* The four corners of one sample: token (-1 where it is padding), bilinear weight, and the weight's slopes
  * d weight / d pixel-x and d weight / d pixel-y. */
@@ -51,8 +70,8 @@ static inline void find_corners(scalar_t x, scalar_t y, const int64_t *level, co
  * many threads while each task walks neighbouring queries of one pair. */
 #define QUERY_BLOCK 64
 
-void msda_forward(const scalar_t *value, const int64_t *levels, const scalar_t *locations, const scalar_t *weights,
-                  scalar_t *output, int64_t batch, int64_t tokens, int64_t queries, int64_t heads, int64_t dim,
+void msda_forward(const value_t *value, const int64_t *levels, const scalar_t *locations, const scalar_t *weights,
+                  value_t *output, int64_t batch, int64_t tokens, int64_t queries, int64_t heads, int64_t dim,
                   int64_t num_levels, int64_t num_points, int threads) {
     const int64_t samples = num_levels * num_points, token_stride = heads * dim;
     const int64_t blocks = (queries + QUERY_BLOCK - 1) / QUERY_BLOCK;
@@ -61,34 +80,38 @@ void msda_forward(const scalar_t *value, const int64_t *levels, const scalar_t *
         const int64_t pair = task / blocks, b = pair / heads, h = pair % heads;
         const int64_t first = task % blocks * QUERY_BLOCK;
         const int64_t last = first + QUERY_BLOCK < queries ? first + QUERY_BLOCK : queries;
-        const scalar_t *pair_value = value + b * tokens * token_stride + h * dim;
+        const value_t *pair_value = value + b * tokens * token_stride + h * dim;
         /* Padding corners read this zero row: the four corners then add up in one pass over D, branch-free. */
-        scalar_t zero_row[dim];
+        value_t zero_row[dim];
         memset(zero_row, 0, sizeof(zero_row));
+        scalar_t sum[dim];
         for (int64_t q = first; q < last; ++q) {
             const int64_t row = (b * queries + q) * heads + h;
             const scalar_t *row_locations = locations + row * samples * 2, *row_weights = weights + row * samples;
-            scalar_t *restrict out = output + row * dim;
-            memset(out, 0, (size_t)dim * sizeof(scalar_t));
+            scalar_t *restrict out = sum;
+            memset(out, 0, sizeof(sum));
             for (int64_t l = 0, s = 0; l < num_levels; ++l) {
                 for (int64_t p = 0; p < num_points; ++p, ++s) {
                     corners_t c;
                     find_corners(row_locations[2 * s], row_locations[2 * s + 1], levels + 3 * l, &c);
-                    const scalar_t *restrict v[4];
+                    const value_t *restrict v[4];
                     scalar_t coefficient[4];
                     for (int k = 0; k < 4; ++k) {
                         v[k] = c.token[k] < 0 ? zero_row : pair_value + c.token[k] * token_stride;
                         coefficient[k] = row_weights[s] * c.weight[k];
                     }
                     for (int64_t d = 0; d < dim; ++d)
-                        out[d] += coefficient[0] * v[0][d] + coefficient[1] * v[1][d] + coefficient[2] * v[2][d] +
-                                  coefficient[3] * v[3][d];
+                        out[d] += coefficient[0] * load_value(v[0][d]) + coefficient[1] * load_value(v[1][d]) +
+                                  coefficient[2] * load_value(v[2][d]) + coefficient[3] * load_value(v[3][d]);
                 }
             }
+            value_t *restrict destination = output + row * dim;
+            for (int64_t d = 0; d < dim; ++d) destination[d] = store_value(sum[d]);
         }
     }
 }
 
+#ifndef VALUE_BF16
 /* grad_value must be zeroed by the caller; grad_locations and grad_weights are fully written. */
 void msda_backward(const scalar_t *value, const int64_t *levels, const scalar_t *locations, const scalar_t *weights,
                    const scalar_t *grad_output, scalar_t *grad_value, scalar_t *grad_locations,
@@ -150,3 +173,4 @@ void msda_backward(const scalar_t *value, const int64_t *levels, const scalar_t 
         }
     }
 }
+#endif /* VALUE_BF16 */

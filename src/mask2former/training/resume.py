@@ -1,4 +1,9 @@
-"""Training checkpoints: atomic writes, finding the last one, and the RNG states that make resuming exact.
+"""Resuming training: checkpoint files (atomic writes, finding the last one) and the RNG states that make it exact.
+
+A checkpoint holds the model, optimiser, scheduler, GradScaler, the step, the samples consumed (the data order is a
+function of (seed, epoch), see ``sampler.py``), the best metric, the non-finite counter and every RNG state (Python,
+NumPy, torch CPU/CUDA, the point-sampling generator), per process. ``Trainer.fit(resume=True)`` on CPU therefore ends
+bit-for-bit where an uninterrupted run ends.
 
 Layout under ``output_dir``::
 
@@ -20,12 +25,16 @@ import random
 import re
 import shutil
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
+from .sampler import derive_seed
+
+CHECKPOINT_VERSION = 1
 CHECKPOINT_DIR = "checkpoints"
 LAST_POINTER = "last_checkpoint"
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint_(\d+)\.pt$")
@@ -153,6 +162,13 @@ def remove_stale_temporaries(output_dir: str | Path) -> None:
 # ----------------------------------------------------------------------------------------------- RNG states
 
 
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))
+    torch.manual_seed(seed)
+
+
 def capture_rng_state(generator: torch.Generator | None = None) -> dict[str, Any]:
     """Python, NumPy, torch CPU, every CUDA device, and ``generator`` (e.g. the point-sampling one), as tensors
     and plain values (``weights_only``-loadable)."""
@@ -178,3 +194,25 @@ def restore_rng_state(state: dict[str, Any], generator: torch.Generator | None =
             torch.cuda.set_rng_state_all(state["cuda"])
     if generator is not None and state.get("generator") is not None:
         generator.set_state(state["generator"])
+
+
+def check_checkpoint(state: dict[str, Any], path: str | Path, model_config: dict[str, Any]) -> None:
+    """Refuse a checkpoint of another format version or another model config (``to_dict(config.model)``)."""
+    if state.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(f"{path}: checkpoint version {state.get('version')} is not {CHECKPOINT_VERSION}")
+    saved_model = state.get("config", {}).get("model")
+    if saved_model is not None and saved_model != model_config:
+        changed = sorted(k for k in saved_model if saved_model[k] != model_config.get(k))
+        raise ValueError(f"{path}: the checkpoint was trained with another model config (differs in {changed})")
+
+
+def process_rng_state(state: dict[str, Any], path: str | Path, rank: int, world_size: int, seed: int
+                      ) -> dict[str, Any] | int:
+    """This process's saved RNG state; with another process count, a fresh seed (with a warning: the run is then
+    not bit-identical to an uninterrupted one)."""
+    rng = state.get("rng") or []
+    if len(rng) == world_size:
+        return rng[rank]
+    warnings.warn(f"{path}: saved with {len(rng)} processes, resuming with {world_size}; random streams are "
+                  f"re-seeded, so the run is not bit-identical to an uninterrupted one", RuntimeWarning, stacklevel=3)
+    return derive_seed(seed, 2, int(state["step"]), rank)

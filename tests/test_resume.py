@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from mask2former.training.checkpoint import (
+from mask2former.training.resume import (
     atomic_torch_save,
     atomic_write_bytes,
     capture_rng_state,

@@ -1,0 +1,1 @@
+"""Entry points above the library layers: what ``mask2former <command>`` runs."""

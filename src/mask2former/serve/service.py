@@ -1,0 +1,191 @@
+"""What the server does, apart from HTTP: decode an upload, describe a prediction as JSON, draw its overlay.
+
+Nothing here knows about the web framework, so the same checks and answers hold for any front end.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import threading
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ..data.image_io import one_line, to_rgb_array
+from ..data.label_space import LabelSpace
+from ..inference.predictor import Predictor
+from ..viz import class_color, visualize
+
+__all__ = ["ApiError", "SegmentationService", "decode_image", "parse_options", "TASKS",
+           "DEFAULT_MAX_UPLOAD_BYTES", "DEFAULT_MAX_PIXELS"]
+
+TASKS = ("semantic", "instance", "panoptic")
+DEFAULT_MAX_UPLOAD_BYTES = 10 * 1024 * 1024
+# Inference runs at the uploaded size (as `mask2former predict` does without --min-size), so memory and time grow
+# with the pixel count: 4 MP keeps a CPU demo responsive.
+DEFAULT_MAX_PIXELS = 2048 * 2048
+
+
+class ApiError(Exception):
+    """An error answered as JSON ``{"error": message, "status": status}`` with that HTTP status."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = int(status)
+        self.message = " ".join(message.split())
+        self.headers = dict(headers or {})
+
+
+def _label_space(predictor: Predictor) -> LabelSpace:
+    if predictor.label_space is not None:
+        return predictor.label_space
+    count = predictor.model.num_classes
+    return LabelSpace([f"class_{i}" for i in range(count)], [True] * count)
+
+
+def decode_image(data: bytes, max_pixels: int) -> torch.Tensor:
+    """Upload bytes -> ``uint8 [3, H, W]`` RGB (EXIF-oriented); ApiError 400 for broken bytes, 413 for too many pixels.
+
+    The pixel count is checked from the header, before the pixels are decoded, so a decompression bomb costs nothing.
+    """
+    if not data:
+        raise ApiError(400, "empty upload: no image bytes received")
+    try:
+        image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as error:
+        raise ApiError(413, f"image too large: {one_line(error)}") from None
+    except UnidentifiedImageError:
+        raise ApiError(400, "cannot decode image: not a recognised image format") from None
+    except (OSError, SyntaxError, ValueError) as error:
+        raise ApiError(400, f"cannot decode image: {one_line(error)}") from None
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ApiError(413, f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels} pixels")
+    if width == 0 or height == 0:
+        raise ApiError(400, f"image has no pixels ({width}x{height})")
+    try:
+        image.load()
+        array = to_rgb_array(ImageOps.exif_transpose(image))
+    except Image.DecompressionBombError as error:
+        raise ApiError(413, f"image too large: {one_line(error)}") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as error:
+        raise ApiError(400, f"truncated or corrupt image: {one_line(error)}") from None
+    return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).contiguous()
+
+
+def parse_options(options: dict[str, str]) -> tuple[str, float, bool, bool]:
+    """``(task, score_threshold, overlay, legend)`` from query/form fields; ApiError 400 for bad values."""
+    task = options.get("task", "panoptic")
+    if task not in TASKS:
+        raise ApiError(400, f"unknown task {task!r}; use one of {', '.join(TASKS)}")
+    try:
+        score_threshold = float(options.get("score_threshold", 0.5))
+    except ValueError:
+        raise ApiError(400, f"score_threshold must be a number, got {options['score_threshold']!r}") from None
+    if not 0.0 <= score_threshold <= 1.0:
+        raise ApiError(400, f"score_threshold must be in [0, 1], got {score_threshold}")
+    overlay, legend = (options.get(flag, "1").lower() not in ("0", "false", "no") for flag in ("overlay", "legend"))
+    return task, score_threshold, overlay, legend
+
+
+def _png_data_url(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", compress_level=1)  # 3-4x faster than the default level, ~7 % larger
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+class SegmentationService:
+    """The server's state: one predictor shared by all requests, its label space and the upload limits."""
+
+    def __init__(self, predictor: Predictor, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+        if max_upload_bytes <= 0 or max_pixels <= 0:
+            raise ValueError(f"max_upload_bytes and max_pixels must be > 0, got {max_upload_bytes}, {max_pixels}")
+        self.predictor = predictor
+        self.label_space = _label_space(predictor)
+        self.max_upload_bytes = int(max_upload_bytes)
+        self.max_pixels = int(max_pixels)
+        # For callers outside the server's batching queue: the model is shared, one forward pass at a time.
+        self._inference_lock = threading.Lock()
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "num_classes": self.label_space.num_classes,
+            "tasks": list(TASKS),
+            "device": str(self.predictor.device),
+            "limits": {"max_upload_bytes": self.max_upload_bytes, "max_pixels": self.max_pixels},
+        }
+
+    def _class_entry(self, label: int) -> dict[str, Any]:
+        space = self.label_space
+        return {"label": label, "category_id": space.to_dataset(label), "category": space.names[label],
+                "isthing": space.is_thing[label], "color": list(class_color(space, label))}
+
+    def classes(self) -> dict[str, Any]:
+        # COCO-categories style: "name" here, "category" in the per-segment entries of /api/predict
+        entries = [self._class_entry(label) for label in range(self.label_space.num_classes)]
+        return {"classes": [{"name" if key == "category" else key: value for key, value in entry.items()}
+                            for entry in entries]}
+
+    def decode(self, data: bytes) -> torch.Tensor:
+        return decode_image(data, self.max_pixels)
+
+    def run_model(self, image: torch.Tensor, task: str) -> Any:
+        """The predictor's result for one decoded image (exactly what ``Predictor(task=task)(image)`` gives)."""
+        with self._inference_lock:
+            return self.predictor.predict_tasks([image], (task,))[0][task]
+
+    def describe(self, image: torch.Tensor, result: Any, task: str, score_threshold: float = 0.5,
+                 overlay: bool = True, legend: bool = True) -> dict[str, Any]:
+        """The JSON answer for one prediction: segments/instances/classes, legend and (optionally) the overlay PNG."""
+        response: dict[str, Any] = {"task": task, "width": int(image.shape[2]), "height": int(image.shape[1])}
+        if task == "panoptic":
+            _, segments_info = result
+            response["segments"] = [
+                {"id": int(info["id"]), **self._class_entry(int(info["category_id"])),
+                 "isthing": bool(info["isthing"]), "score": float(info["score"]), "area": int(info["area"])}
+                for info in segments_info
+            ]
+            shown = [s["label"] for s in response["segments"]]
+        elif task == "instance":
+            keep = [i for i, score in enumerate(result["scores"].tolist()) if score >= score_threshold]
+            areas = result["masks"].flatten(1).sum(1).tolist() if keep else []
+            response["score_threshold"] = score_threshold
+            response["instances"] = [
+                {**self._class_entry(int(result["labels"][i])), "score": float(result["scores"][i]),
+                 "box": [float(v) for v in result["boxes"][i].tolist()], "area": int(areas[i])}
+                for i in keep
+            ]
+            shown = [s["label"] for s in response["instances"]]
+        else:
+            counts = torch.bincount(result.flatten(), minlength=self.label_space.num_classes).tolist()
+            total = int(result.numel())
+            response["classes"] = [
+                {**self._class_entry(label), "area": count, "fraction": count / total}
+                for label, count in enumerate(counts) if count
+            ]
+            shown = [s["label"] for s in response["classes"]]
+        response["legend"] = [self._class_entry(label) for label in sorted(set(shown))]
+        if overlay:
+            options = {"score_threshold": score_threshold} if task == "instance" else {}
+            drawn = visualize(image, result, task, self.label_space, legend=legend, **options)
+            response["overlay_png"] = _png_data_url(drawn)
+        return response
+
+    def predict(self, data: bytes, task: str = "panoptic", score_threshold: float = 0.5, overlay: bool = True,
+                legend: bool = True) -> dict[str, Any]:
+        """Decode, run, describe and (optionally) draw one upload, without the server (for scripts)."""
+        task, score_threshold, overlay, legend = parse_options(
+            {"task": task, "score_threshold": str(score_threshold), "overlay": str(int(overlay)),
+             "legend": str(int(legend))})
+        image = self.decode(data)
+        start = time.perf_counter()
+        result = self.run_model(image, task)
+        inference_ms = (time.perf_counter() - start) * 1000.0
+        return {**self.describe(image, result, task, score_threshold, overlay, legend), "inference_ms": inference_ms,
+                "batch_size": 1}
