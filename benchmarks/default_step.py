@@ -36,7 +36,9 @@ def main() -> None:
 
     malloc_tuned = False if args.no_malloc_tuning else tune_malloc()
     from mask2former.config import load_config
-    from mask2former.train import build_criterion, build_datasets, build_model
+    from mask2former.data.build import build_datasets
+    from mask2former.modeling.build import build_model
+    from mask2former.training.build import build_criterion
     from mask2former.training import criterion as criterion_module
     from mask2former.training.trainer import Trainer, seed_everything
 

@@ -96,9 +96,9 @@ def export_both(model, directory: Path, size: int) -> tuple[Path, Path, dict]:
 
 def default_model_part(args, directory: Path) -> dict:
     from mask2former.config import load_config
+    from mask2former.data.build import build_dataset
     from mask2former.evaluation.evaluator import evaluate_model
     from mask2former.modeling.model import Mask2Former
-    from mask2former.train import build_dataset
 
     model = Mask2Former.from_pretrained(args.checkpoint).eval()
     config = load_config("fashion_scenes_lite0", [f"data.num_val_images={args.num_val}"])

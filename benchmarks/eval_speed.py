@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from mask2former.data.formats.coco_panoptic import id_to_rgb
 from mask2former.evaluation.panoptic import PanopticEvaluator, gt_panoptic_from_sample
 
 RESULTS = Path(__file__).resolve().parent / "results" / "eval_speed.json"
@@ -163,10 +164,6 @@ def run_ours(cases, names, is_thing, device="cpu"):
     return time.perf_counter() - start, time.process_time() - cpu_start, results
 
 
-def _id_to_rgb(segment_map):
-    return np.stack([segment_map % 256, segment_map // 256 % 256, segment_map // 65536], -1).astype(np.uint8)
-
-
 def run_oracle(cases, names, is_thing, folder: Path):
     from cityscapesscripts.evaluation import evalPanopticSemanticLabeling as oracle
 
@@ -175,8 +172,8 @@ def run_oracle(cases, names, is_thing, folder: Path):
     pairs = []
     for index, (gt_map, gt_segments, pred_map, pred_segments) in enumerate(cases):
         name = f"{index:05d}.png"
-        Image.fromarray(_id_to_rgb(gt_map)).save(folder / "gt" / name)
-        Image.fromarray(_id_to_rgb(pred_map)).save(folder / "pred" / name)
+        Image.fromarray(id_to_rgb(gt_map)).save(folder / "gt" / name)
+        Image.fromarray(id_to_rgb(pred_map)).save(folder / "pred" / name)
         shift = lambda segments: [{**s, "category_id": s["category_id"] + 1} for s in segments]  # noqa: E731
         pairs.append(({"image_id": index, "file_name": name, "segments_info": shift(gt_segments)},
                       {"image_id": index, "file_name": name, "segments_info": shift(pred_segments)}))

@@ -40,6 +40,8 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results" / "forward_vs_transformers.json"
+# The random unit-scale weights are a test helper (tests/random_inputs.py), shared with the parity tests.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 
 def build_transformers_model(num_classes: int, seed: int = 0):
@@ -53,7 +55,7 @@ def build_transformers_model(num_classes: int, seed: int = 0):
         backbone_config=swin, num_queries=100, decoder_layers=10,
         id2label={i: f"class_{i}" for i in range(num_classes)},
     )
-    from mask2former.interop.random_weights import informative_transformers_mask2former
+    from random_inputs import informative_transformers_mask2former
 
     torch.manual_seed(seed)
     model = transformers.Mask2FormerForUniversalSegmentation(config).eval()

@@ -39,6 +39,7 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "tests"))  # random_inputs.py: the tests' random targets
 
 from forward_vs_transformers import build_transformers_model  # noqa: E402  (same weights as the forward benchmark)
 
@@ -46,19 +47,17 @@ NUM_SEGMENTS = 6
 
 
 def make_batch(batch: int, size: int, num_classes: int, seed: int = 1) -> dict:
-    """A collated batch (INTERFACES.md) of random images with rectangle segments."""
+    """A collated batch (``data.contracts.Batch``) of random images with rectangle segments."""
+    from random_inputs import random_targets
+
     from mask2former.data.collate import collate
 
     generator = torch.Generator().manual_seed(seed)
     samples = []
-    for index in range(batch):
+    targets = random_targets([NUM_SEGMENTS] * batch, num_classes, size=size, seed=seed)
+    for index, target in enumerate(targets):
         image = torch.randint(0, 256, (3, size, size), generator=generator, dtype=torch.uint8)
-        masks = torch.zeros(NUM_SEGMENTS, size, size, dtype=torch.bool)
-        for k in range(NUM_SEGMENTS):
-            top, left = torch.randint(0, size // 2, (2,), generator=generator).tolist()
-            height, width = torch.randint(size // 8, size // 2, (2,), generator=generator).tolist()
-            masks[k, top:top + height, left:left + width] = True
-        labels = torch.randint(0, num_classes, (NUM_SEGMENTS,), generator=generator)
+        labels, masks = target["labels"], target["masks"]
         semantic = torch.full((size, size), 255, dtype=torch.int64)
         for label, mask in zip(labels, masks):
             semantic[mask] = label
@@ -89,7 +88,7 @@ def main() -> None:
 
     from mask2former.config import Config, SolverConfig, TrainConfig
     from mask2former.modeling.model import Mask2Former
-    from mask2former.train import build_criterion
+    from mask2former.training.build import build_criterion
     from mask2former.training.trainer import Trainer
 
     torch.set_num_threads(args.threads)

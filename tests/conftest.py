@@ -44,20 +44,5 @@ def tiny_swin_config(**overrides) -> ModelConfig:
     return ModelConfig(**values)
 
 
-def random_targets(num_per_image, num_classes, size=64, seed=0, device="cpu"):
-    """Criterion/matcher targets: per image ``count`` random rectangles of ``size`` x ``size`` with random classes."""
-    generator = torch.Generator().manual_seed(seed)
-    targets = []
-    for count in num_per_image:
-        masks = torch.zeros(count, size, size, dtype=torch.bool)
-        for i in range(count):
-            top, left = torch.randint(0, size // 2, (2,), generator=generator).tolist()
-            height, width = torch.randint(size // 8, size // 2, (2,), generator=generator).tolist()
-            masks[i, top : top + height, left : left + width] = True
-        labels = torch.randint(0, num_classes, (count,), generator=generator)
-        targets.append({"labels": labels.to(device), "masks": masks.to(device)})
-    return targets
-
-
 # The suite runs many tiny models: one intra-op thread avoids oversubscribing 2-core machines (and is faster there).
 torch.set_num_threads(1)

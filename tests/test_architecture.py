@@ -28,39 +28,14 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("inference", ("mask2former.inference", "mask2former.viz")),
     ("training", ("mask2former.training",)),
     ("evaluation", ("mask2former.evaluation",)),
-    ("apps", ("mask2former", "mask2former.apps", "mask2former.cli", "mask2former.__main__", "mask2former.train",
+    ("apps", ("mask2former", "mask2former.apps", "mask2former.cli", "mask2former.__main__",
               "mask2former.inference.predict_files", "mask2former.serve", "mask2former.interop.onnx")),
 ]
 
-# Edges that break the rule today and live in files another change owns. Second pass: remove each with its fix.
-KNOWN_BACK_EDGES = {
-    # second pass: Mask2Former.from_pretrained (modeling/model.py) imports modeling.pretrained.load_pretrained;
-    # then delete the forwarding load_pretrained in interop/checkpoint.py.
-    ("mask2former.interop.checkpoint", "mask2former.modeling.pretrained"),
-    # second pass: SWIN_SPECS / SwinSpec (variant shapes, plain data) move from modeling/swin.py to config.py,
-    # which modeling/swin.py and these converters then import.
-    ("mask2former.interop.hf", "mask2former.modeling.swin"),
-    ("mask2former.interop.detectron2_names", "mask2former.modeling.swin"),
-    ("mask2former.interop.detectron2_shapes", "mask2former.modeling.swin"),
-}
-KNOWN_CYCLES = [
-    # second pass: the same forwarding load_pretrained (see KNOWN_BACK_EDGES).
-    {"mask2former.interop.checkpoint", "mask2former.modeling.pretrained"},
-    # second pass: modeling/kernels/__init__.py and its kernel modules import each other.
-    {"mask2former.modeling.kernels", "mask2former.modeling.kernels.cpu_ms_deform_attn",
-     "mask2former.modeling.kernels.triton_ms_deform_attn"},
-]
-
 MAX_LINES = 450
-# files over MAX_LINES that another change owns now (none: issue 18 split serve/app.py into app, uploads, service,
-# batching).
-KNOWN_LONG_FILES: set[str] = set()
-
 # Files named in docstrings that belong to other projects (detectron2's and Mask2Former's tool scripts).
 EXTERNAL_FILES = {"convert-torchvision-to-d2.py", "tools/convert-torchvision-to-d2.py",
                   "tools/convert-pretrained-swin-model-to-d2.py"}
-# second pass: docstrings in files another change owns that name a file that does not exist.
-KNOWN_MISSING_REFERENCES = {("benchmarks/train_step.py", "INTERFACES.md")}
 
 
 def _modules() -> dict[str, tuple[Path, bool]]:
@@ -175,20 +150,15 @@ def test_imports_follow_the_layers():
     graph = _graph()
     back_edges = {(source, target) for source, targets in graph.items() for target in targets
                   if _layer(target) > _layer(source)}
-    new = sorted(back_edges - KNOWN_BACK_EDGES)
     names = [name for name, _ in LAYERS]
-    assert not new, "imports from a higher layer: " + "; ".join(
-        f"{source} ({names[_layer(source)]}) -> {target} ({names[_layer(target)]})" for source, target in new)
-    stale = sorted(KNOWN_BACK_EDGES - back_edges)
-    assert not stale, f"KNOWN_BACK_EDGES lists edges that are gone (remove them): {stale}"
+    assert not back_edges, "imports from a higher layer: " + "; ".join(
+        f"{source} ({names[_layer(source)]}) -> {target} ({names[_layer(target)]})"
+        for source, target in sorted(back_edges))
 
 
 def test_no_import_cycles():
     cycles = _cycles(_graph())
-    new = [sorted(cycle) for cycle in cycles if cycle not in KNOWN_CYCLES]
-    assert not new, f"import cycles: {new}"
-    stale = [sorted(cycle) for cycle in KNOWN_CYCLES if cycle not in cycles]
-    assert not stale, f"KNOWN_CYCLES lists cycles that are gone (remove them): {stale}"
+    assert not cycles, f"import cycles: {[sorted(cycle) for cycle in cycles]}"
 
 
 def test_the_checker_sees_lazy_imports_and_back_edges():
@@ -206,10 +176,7 @@ def test_the_checker_sees_lazy_imports_and_back_edges():
 def test_source_files_are_short():
     long = {str(path.relative_to(ROOT)): count for path in sorted((SRC / PACKAGE).rglob("*.py"))
             if (count := len(path.read_text().splitlines())) > MAX_LINES}
-    new = {path: count for path, count in long.items() if path not in KNOWN_LONG_FILES}
-    assert not new, f"source files over {MAX_LINES} lines: {new}"
-    stale = sorted(KNOWN_LONG_FILES - set(long))
-    assert not stale, f"KNOWN_LONG_FILES lists files that are short now (remove them): {stale}"
+    assert not long, f"source files over {MAX_LINES} lines: {long}"
 
 
 REFERENCE = re.compile(r"(?<![\w/.-])((?:[\w.-]+/)*[\w-]+\.(?:py|md))\b")
@@ -235,7 +202,4 @@ def test_docstrings_name_existing_files():
                 exists = any(file == reference or file.endswith("/" + reference) for file in files)
                 if not exists and reference not in EXTERNAL_FILES:
                     missing.add((name, reference))
-    new = sorted(missing - KNOWN_MISSING_REFERENCES)
-    assert not new, f"docstrings name files that do not exist: {new}"
-    stale = sorted(KNOWN_MISSING_REFERENCES - missing)
-    assert not stale, f"KNOWN_MISSING_REFERENCES lists references that are fixed (remove them): {stale}"
+    assert not missing, f"docstrings name files that do not exist: {sorted(missing)}"

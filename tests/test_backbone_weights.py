@@ -287,7 +287,7 @@ def test_reference_presets_name_their_imagenet_file(preset):
     backbone = load_config(preset).model.backbone
     assert backbone.pretrained and backbone.weights == EXPECTED_PRESET_WEIGHTS[backbone.name]
     if backbone.name == "swin_large":  # the 384 IN-22k checkpoint's relative position tables are 23x23
-        from mask2former.modeling.swin import SWIN_SPECS
+        from mask2former.config import SWIN_SPECS
 
         assert {**SWIN_SPECS["swin_large"].__dict__, **backbone.kwargs}["window_size"] == 12
 

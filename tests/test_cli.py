@@ -85,7 +85,7 @@ def test_export_and_predict_with_onnx(checkpoint, image_file, tmp_path, capsys):
 
 def test_data_export_round_trip(tmp_path):
     from mask2former.config import load_config
-    from mask2former.train import build_dataset
+    from mask2former.data.build import build_dataset
 
     assert main(["data", "export", "fashion-scenes", str(tmp_path), "--num-images", "2", "--seed", "3"]) == 0
     config = load_config("fashion_scenes_lite0", ["data.dataset=coco_panoptic", f"data.root={tmp_path}"])

@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from conftest import random_targets as shared_random_targets
+from random_inputs import random_targets as shared_random_targets
 
 from mask2former.training.criterion import SetCriterion, compute_num_masks
 from mask2former.training.matcher import HungarianMatcher

@@ -8,10 +8,9 @@ import re
 
 import numpy as np
 import pytest
-
-from mask2former.interop.random_weights import randomise_unit_scale
 import torch
 import yaml
+from random_inputs import randomise_unit_scale
 
 from mask2former.config import BackboneConfig, ModelConfig, to_dict
 from mask2former.interop.errors import CheckpointError

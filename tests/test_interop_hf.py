@@ -7,9 +7,8 @@ import shutil
 
 import pytest
 import torch
+from random_inputs import informative_transformers_mask2former
 from safetensors.torch import load_file, save_file
-
-from mask2former.interop.random_weights import informative_transformers_mask2former
 
 from mask2former.data.label_space import LabelSpace
 from mask2former.interop.errors import CheckpointError

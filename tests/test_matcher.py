@@ -4,7 +4,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import random_targets
+from random_inputs import random_targets
 
 from mask2former.training.matcher import HungarianMatcher
 from mask2former.training.point_sampling import point_sample

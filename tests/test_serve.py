@@ -158,7 +158,7 @@ def test_health(server):
     status, body = call(server, "/api/health")
     assert status == 200
     assert body["status"] == "ok" and body["num_classes"] == LABELS.num_classes
-    assert body["tasks"] == ["semantic", "instance", "panoptic"]
+    assert body["tasks"] == ["panoptic", "instance", "semantic"]  # config.TASKS
     assert body["limits"] == {"max_upload_bytes": MAX_UPLOAD, "max_pixels": MAX_PIXELS}
 
 

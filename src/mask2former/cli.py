@@ -10,6 +10,8 @@ import argparse
 import json
 import sys
 
+from .config import TASKS
+
 DEFAULT_PRESET = "fashion_scenes_lite0"
 
 
@@ -49,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     source = predict.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="checkpoint directory or detectron2 .pkl")
     source.add_argument("--onnx", help="an ONNX model written by `mask2former export` (with its config.yaml beside it)")
-    predict.add_argument("--task", default="panoptic", choices=["semantic", "instance", "panoptic"])
+    predict.add_argument("--task", default="panoptic", choices=TASKS)
     predict.add_argument("--out", default="predictions", help="output directory")
     predict.add_argument("--device", default="cpu")
     predict.add_argument("--min-size", type=int, default=None, help="resize the shortest edge to this (default: keep)")
@@ -107,7 +109,7 @@ def _load_config(args):
 
 
 def cmd_train(args) -> int:
-    from .train import run_train
+    from .apps.train import run_train
 
     run_train(_load_config(args), resume=args.resume)
     return 0

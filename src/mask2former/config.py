@@ -16,6 +16,24 @@ PRESET_DIR = Path(__file__).parent / "configs"
 BACKBONE_NORMS = ("FrozenBN", "BN", "SyncBN")
 
 
+@dataclass(frozen=True)
+class SwinSpec:
+    """The shape of a Swin variant (plain data, here so that the model and the weight converters share it)."""
+
+    embed_dim: int
+    depths: tuple[int, ...]
+    num_heads: tuple[int, ...]
+    window_size: int
+
+
+SWIN_SPECS = {
+    "swin_tiny": SwinSpec(96, (2, 2, 6, 2), (3, 6, 12, 24), 7),
+    "swin_small": SwinSpec(96, (2, 2, 18, 2), (3, 6, 12, 24), 7),
+    "swin_base": SwinSpec(128, (2, 2, 18, 2), (4, 8, 16, 32), 12),
+    "swin_large": SwinSpec(192, (2, 2, 18, 2), (6, 12, 24, 48), 12),
+}
+
+
 @dataclass
 class BackboneConfig:
     """``name``: a Swin variant (``swin_tiny``/``swin_small``/``swin_base``/``swin_large``) or a timm model with

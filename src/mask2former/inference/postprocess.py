@@ -119,7 +119,8 @@ def panoptic_inference(
     # Each pixel goes to the kept query with the highest score-weighted probability; it is painted only
     # where that query's own (unweighted) probability is >= 0.5. Those painted regions are disjoint, so
     # all per-query areas come from bincounts instead of a per-query pass over the image.
-    mask_ids = (kept_scores.to(kept_probs.dtype)[:, None, None] * kept_probs).argmax(0)
+    # max(0).indices: argmax's first-maximum index, but ~5x faster on CPU (argmax over a leading dim is slow).
+    mask_ids = (kept_scores.to(kept_probs.dtype)[:, None, None] * kept_probs).max(0).indices
     confident = kept_probs.gather(0, mask_ids[None])[0] >= 0.5
     argmax_area = torch.bincount(mask_ids.flatten(), minlength=num_kept).tolist()
     painted_area = torch.bincount(mask_ids[confident], minlength=num_kept).tolist()
@@ -301,5 +302,5 @@ def batch_postprocess(
             else:
                 results.append(instance_inference(image_cls, resized, is_thing, top_k, mask_boxes))
                 continue
-        results.append(scores if return_semantic_scores else scores.argmax(0))
+        results.append(scores if return_semantic_scores else scores.max(0).indices)  # = argmax(0), faster
     return results

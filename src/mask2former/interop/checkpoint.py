@@ -59,14 +59,6 @@ def read_checkpoint(path: str | Path, config: str | None = None
     )
 
 
-def load_pretrained(cls, path: str | Path, config: str | None = None, num_classes: int | None = None,
-                    map_location: str = "cpu"):
-    """Second pass: ``Mask2Former.from_pretrained`` imports ``modeling.pretrained`` directly; then delete this."""
-    from ..modeling.pretrained import load_pretrained as load
-
-    return load(cls, path, config=config, num_classes=num_classes, map_location=map_location)
-
-
 def _weights_file(path: Path) -> str:
     if (path / "model.safetensors").exists():
         return "model.safetensors"

@@ -7,8 +7,7 @@ import re
 
 import numpy as np
 
-from ..config import BackboneConfig, ModelConfig
-from ..modeling.swin import SWIN_SPECS
+from ..config import SWIN_SPECS, BackboneConfig, ModelConfig
 from .errors import CheckpointError
 
 PIXEL = "sem_seg_head.pixel_decoder."

@@ -8,8 +8,7 @@ import math
 import re
 from typing import Any, NamedTuple
 
-from ..config import BackboneConfig, ModelConfig
-from ..modeling.swin import SWIN_SPECS
+from ..config import SWIN_SPECS, BackboneConfig, ModelConfig
 from .detectron2_names import PIXEL, PREDICTOR, RESNET_DEPTHS
 from .errors import CheckpointError
 

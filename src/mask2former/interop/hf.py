@@ -35,8 +35,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor
 
-from ..config import BackboneConfig, ModelConfig
-from ..modeling.swin import SWIN_SPECS, SwinSpec
+from ..config import SWIN_SPECS, BackboneConfig, ModelConfig, SwinSpec
 from .errors import CheckpointError
 
 __all__ = ["convert_hf_checkpoint", "hf_config_to_model_config", "convert_hf_state_dict"]

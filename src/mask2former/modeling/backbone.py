@@ -15,8 +15,8 @@ import torch
 from timm.layers import freeze_batch_norm_2d
 from torch import Tensor, nn
 
-from ..config import BackboneConfig
-from .swin import SWIN_SPECS, SwinTransformer
+from ..config import SWIN_SPECS, BackboneConfig
+from .swin import SwinTransformer
 
 logger = logging.getLogger("mask2former.backbone")
 

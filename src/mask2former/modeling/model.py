@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from ..config import ModelConfig
 from .backbone import Backbone
+from .piloting import QueryPiloting
 from .pixel_decoder import FPNPixelDecoder, MSDeformAttnPixelDecoder
 from .transformer_decoder import MaskedTransformerDecoder, StandardTransformerDecoder
 
@@ -107,15 +108,16 @@ class Mask2Former(nn.Module):
             return images
         return F.pad(images, (0, pad_w, 0, pad_h))
 
-    def forward(self, images: Tensor, piloting=None, aux_outputs: bool = True) -> Mask2FormerOutput:
+    def forward(self, images: Tensor, piloting: QueryPiloting | None = None, aux_outputs: bool = True
+                ) -> Mask2FormerOutput:
         """images: normalised [B, 3, H, W] of any size; zero-padded here to multiples of ``size_divisibility``
         (an already padded batch is used as is). The output's ``image_size`` / ``padded_size`` say which part of
         the (padded) prediction is the input.
 
         ``aux_outputs=False`` (inference) skips the earlier layers' predictions, which only deep supervision needs.
 
-        ``piloting``: an MP-Former ``MaskPiloting`` batch (``training/mask_piloting.py``); training only, ignored in
-        eval mode, so inference is exactly Mask2Former's."""
+        ``piloting``: MP-Former's extra queries (``modeling/piloting.py``; ``training/mask_piloting.py`` builds them
+        from a batch); training only, ignored in eval mode, so inference is exactly Mask2Former's."""
         if not self.training:
             piloting = None
         padded = self.pad(images)
@@ -148,6 +150,6 @@ class Mask2Former(nn.Module):
         official detectron2 ``model_final_*.pkl`` (pass ``config``: the preset it was trained with).
 
         ``num_classes``: build a model with another class count; everything but the class head is loaded."""
-        from ..interop.checkpoint import load_pretrained
+        from .pretrained import load_pretrained
 
         return load_pretrained(cls, path, config=config, num_classes=num_classes, map_location=map_location)

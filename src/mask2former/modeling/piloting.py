@@ -1,7 +1,7 @@
 """What the masked-attention decoder asks of extra, ground-truth-piloted queries (MP-Former's mask piloting).
 
 The decoder and ``Mask2Former.forward`` call only these hooks; ``training/mask_piloting.MaskPiloting`` implements
-them from a batch's targets. (Second pass: annotate their ``piloting`` arguments with :class:`QueryPiloting`.)
+them from a batch's targets.
 """
 
 from __future__ import annotations

@@ -11,28 +11,10 @@ are returned NCHW.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import Tensor, nn
-
-
-@dataclass(frozen=True)
-class SwinSpec:
-    embed_dim: int
-    depths: tuple[int, ...]
-    num_heads: tuple[int, ...]
-    window_size: int
-
-
-SWIN_SPECS = {
-    "swin_tiny": SwinSpec(96, (2, 2, 6, 2), (3, 6, 12, 24), 7),
-    "swin_small": SwinSpec(96, (2, 2, 18, 2), (3, 6, 12, 24), 7),
-    "swin_base": SwinSpec(128, (2, 2, 18, 2), (4, 8, 16, 32), 12),
-    "swin_large": SwinSpec(192, (2, 2, 18, 2), (6, 12, 24, 48), 12),
-}
 
 
 def _window_partition(x: Tensor, window: int) -> Tensor:

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .piloting import QueryPiloting
 from .position_encoding import SinePositionEncoding
 
 
@@ -169,7 +170,8 @@ class MaskedTransformerDecoder(nn.Module):
         return memories, positions, sizes
 
     def forward(
-        self, multi_scale: list[Tensor], mask_features: Tensor, piloting=None, intermediate: bool = True,
+        self, multi_scale: list[Tensor], mask_features: Tensor, piloting: QueryPiloting | None = None,
+        intermediate: bool = True,
     ) -> list[tuple[Tensor, Tensor]]:
         """multi_scale: [1/32, 1/16, 1/8] maps; returns [(class_logits, mask_logits)] for the initial queries
         and every layer (``num_layers + 1`` predictions, the last is the model's output); ``intermediate=False``
@@ -180,8 +182,8 @@ class MaskedTransformerDecoder(nn.Module):
         never needed between layers. The predictions are then made in one batch over all layers: one einsum with
         ``mask_features`` (and one gradient into it) instead of one per layer.
 
-        ``piloting`` (training only) is an MP-Former ``MaskPiloting`` batch: extra queries with ground-truth
-        attention masks, prepended to the matching queries (see ``training/mask_piloting.py``).
+        ``piloting`` (training only; ``modeling/piloting.py``) adds MP-Former's extra queries with ground-truth
+        attention masks, prepended to the matching queries (built by ``training/mask_piloting.py``).
         """
         if piloting is not None and not intermediate:
             raise ValueError("mask piloting trains every layer: it needs intermediate predictions")
@@ -218,7 +220,8 @@ class MaskedTransformerDecoder(nn.Module):
             predictions[-1] = (class_logits + self.label_embed.weight.sum() * 0, mask_logits)
         return predictions
 
-    def _cross_mask(self, queries: Tensor, level_features: Tensor, piloting, layer: int) -> Tensor:
+    def _cross_mask(self, queries: Tensor, level_features: Tensor, piloting: QueryPiloting | None,
+                    layer: int) -> Tensor:
         """Bool [B, 1, Q, h*w], True = blocked: where the queries' masks at this level have probability < 0.5.
 
         A query whose mask is empty at this resolution would attend to nothing (NaN softmax); it attends everywhere
@@ -291,7 +294,8 @@ class StandardTransformerDecoder(nn.Module):
         self.heads = PredictionHeads(hidden_dim, num_classes, mask_dim)
 
     def forward(
-        self, multi_scale: list[Tensor], mask_features: Tensor, piloting=None, intermediate: bool = True,
+        self, multi_scale: list[Tensor], mask_features: Tensor, piloting: QueryPiloting | None = None,
+        intermediate: bool = True,
     ) -> list[tuple[Tensor, Tensor]]:
         if piloting is not None:
             raise ValueError("mask piloting needs the masked-attention decoder (decoder: masked)")

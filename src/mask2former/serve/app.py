@@ -48,11 +48,11 @@ from ..inference.predictor import Predictor
 from ..modeling.model import Mask2Former
 from .batching import BatchingPredictor
 from .service import (
-    DEFAULT_MAX_PIXELS, DEFAULT_MAX_UPLOAD_BYTES, TASKS, ApiError, SegmentationService, parse_options,
+    DEFAULT_MAX_PIXELS, DEFAULT_MAX_UPLOAD_BYTES, ApiError, SegmentationService, parse_options,
 )
 from .uploads import DEFAULT_BODY_TIMEOUT_S, read_body, upload_from_body
 
-__all__ = ["ApiError", "SegmentationService", "SegmentationServer", "create_app", "make_server", "serve", "TASKS"]
+__all__ = ["ApiError", "SegmentationService", "SegmentationServer", "create_app", "make_server", "serve"]
 
 _STATIC_FILES = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
                  "style.css": "text/css; charset=utf-8"}

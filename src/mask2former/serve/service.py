@@ -15,15 +15,14 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ..config import TASKS
 from ..data.image_io import one_line, to_rgb_array
-from ..data.label_space import LabelSpace
 from ..inference.predictor import Predictor
 from ..viz import class_color, visualize
 
-__all__ = ["ApiError", "SegmentationService", "decode_image", "parse_options", "TASKS",
-           "DEFAULT_MAX_UPLOAD_BYTES", "DEFAULT_MAX_PIXELS"]
+__all__ = ["ApiError", "SegmentationService", "decode_image", "parse_options", "DEFAULT_MAX_UPLOAD_BYTES",
+           "DEFAULT_MAX_PIXELS"]
 
-TASKS = ("semantic", "instance", "panoptic")
 DEFAULT_MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 # Inference runs at the uploaded size (as `mask2former predict` does without --min-size), so memory and time grow
 # with the pixel count: 4 MP keeps a CPU demo responsive.
@@ -38,13 +37,6 @@ class ApiError(Exception):
         self.status = int(status)
         self.message = " ".join(message.split())
         self.headers = dict(headers or {})
-
-
-def _label_space(predictor: Predictor) -> LabelSpace:
-    if predictor.label_space is not None:
-        return predictor.label_space
-    count = predictor.model.num_classes
-    return LabelSpace([f"class_{i}" for i in range(count)], [True] * count)
 
 
 def decode_image(data: bytes, max_pixels: int) -> torch.Tensor:
@@ -106,7 +98,7 @@ class SegmentationService:
         if max_upload_bytes <= 0 or max_pixels <= 0:
             raise ValueError(f"max_upload_bytes and max_pixels must be > 0, got {max_upload_bytes}, {max_pixels}")
         self.predictor = predictor
-        self.label_space = _label_space(predictor)
+        self.label_space = predictor.label_space
         self.max_upload_bytes = int(max_upload_bytes)
         self.max_pixels = int(max_pixels)
         # For callers outside the server's batching queue: the model is shared, one forward pass at a time.

@@ -27,7 +27,7 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor
 
-__all__ = ["BACKENDS", "ENV_VAR", "check_core_inputs", "ms_deform_attn_backend", "select_ms_deform_attn",
+__all__ = ["BACKENDS", "ENV_VAR", "ms_deform_attn_backend", "select_ms_deform_attn",
            "set_ms_deform_attn_backend", "triton_available"]
 
 BACKENDS = ("auto", "triton", "cpu", "pytorch")
@@ -37,29 +37,6 @@ _backend_override: str | None = None
 # Devices where a kernel failed to build in "auto" mode: they use the PyTorch path from then on.
 _failed_devices: set[str] = set()
 _verified_devices: set[str] = set()
-
-
-def check_core_inputs(where: str, value: Tensor, spatial_shapes, sampling_locations: Tensor,
-                      attention_weights: Tensor) -> None:
-    """The shapes the sampling core's contract asks for (value [B,S,heads,D], locations [B,Lq,heads,L,P,2], weights
-    [B,Lq,heads,L,P], levels summing to S); a kernel checks its own dtypes and devices."""
-    if value.dim() != 4 or sampling_locations.dim() != 6 or attention_weights.dim() != 5:
-        raise ValueError(
-            f"{where}: expected value [B,S,heads,D], locations [B,Lq,heads,L,P,2], weights [B,Lq,heads,L,P]; got "
-            f"{tuple(value.shape)}, {tuple(sampling_locations.shape)}, {tuple(attention_weights.shape)}"
-        )
-    batch, tokens, heads, _ = value.shape
-    loc_batch, queries, loc_heads, levels, points, two = sampling_locations.shape
-    if (loc_batch, loc_heads, two) != (batch, heads, 2) or tuple(attention_weights.shape) != (
-            batch, queries, heads, levels, points):
-        raise ValueError(
-            f"{where}: inconsistent shapes value {tuple(value.shape)}, locations {tuple(sampling_locations.shape)}, "
-            f"weights {tuple(attention_weights.shape)}"
-        )
-    if len(spatial_shapes) != levels or sum(h * w for h, w in spatial_shapes) != tokens:
-        raise ValueError(
-            f"{where}: spatial_shapes {list(spatial_shapes)} do not match {levels} levels and {tokens} value tokens"
-        )
 
 
 def _check_backend(name: str, where: str) -> str:

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from . import check_core_inputs
+from .common import check_core_inputs
 
 __all__ = ["CompileError", "cache_dir", "load_library", "ms_deform_attn_cpu"]
 

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import check_core_inputs
+from .common import check_core_inputs
 
 __all__ = ["ms_deform_attn_triton"]
 

@@ -1,4 +1,4 @@
-"""Non-degenerate random weights for comparing implementations (tests and benchmarks).
+"""Random inputs for comparing implementations (tests and benchmarks): non-degenerate weights and random targets.
 
 transformers' initialisation (std 0.02, zero relative-bias tables, zero deformable offsets) gives near-constant
 outputs, which would hide a swapped norm or projection in a parity check. These helpers give every parameter a
@@ -11,6 +11,21 @@ import math
 
 import torch
 from torch import nn
+
+
+def random_targets(num_per_image, num_classes, size=64, seed=0, device="cpu"):
+    """Criterion/matcher targets: per image ``count`` random rectangles of ``size`` x ``size`` with random classes."""
+    generator = torch.Generator().manual_seed(seed)
+    targets = []
+    for count in num_per_image:
+        masks = torch.zeros(count, size, size, dtype=torch.bool)
+        for i in range(count):
+            top, left = torch.randint(0, size // 2, (2,), generator=generator).tolist()
+            height, width = torch.randint(size // 8, size // 2, (2,), generator=generator).tolist()
+            masks[i, top : top + height, left : left + width] = True
+        labels = torch.randint(0, num_classes, (count,), generator=generator)
+        targets.append({"labels": labels.to(device), "masks": masks.to(device)})
+    return targets
 
 
 @torch.no_grad()
