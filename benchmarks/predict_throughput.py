@@ -85,8 +85,8 @@ def breakdown(model: Mask2Former, files: list[Path], task: str, batch_size: int,
     predictor = Predictor(model, task=task, device=device, batch_size=batch_size)
     out.mkdir(parents=True, exist_ok=True)
     label_space = predictor.label_space
-    times = {"decode": 0.0, "forward": 0.0, "predictor (forward + post-processing)": 0.0, "overlay": 0.0,
-             "results files (PNG / RLE)": 0.0}
+    times = {"decode": 0.0, "forward": 0.0, "Predictor.forward_batch (pad, normalise, forward)": 0.0,
+             "Predictor.postprocess_batch": 0.0, "overlay": 0.0, "results files (PNG / RLE)": 0.0}
     count = 0
     for start in range(0, len(files) - batch_size + 1, batch_size):
         chunk = files[start : start + batch_size]
@@ -102,11 +102,15 @@ def breakdown(model: Mask2Former, files: list[Path], task: str, batch_size: int,
         sync(device)
         times["forward"] += time.perf_counter() - tic
         tic = time.perf_counter()
-        results = predictor(images)
-        times["predictor (forward + post-processing)"] += time.perf_counter() - tic
+        forwarded = predictor.forward_batch(images, [tuple(image.shape[-2:]) for image in images])
+        sync(device)
+        times["Predictor.forward_batch (pad, normalise, forward)"] += time.perf_counter() - tic
+        tic = time.perf_counter()
+        results = [result[task] for result in predictor.postprocess_batch(forwarded, (task,))]
+        times["Predictor.postprocess_batch"] += time.perf_counter() - tic
         for path, image, result in zip(chunk, images, results):
             tic = time.perf_counter()
-            visualize(image, result, task, label_space).save(out / f"{path.stem}.png")
+            visualize(image, result, task, label_space).save(out / f"{path.stem}.png", format="PNG", compress_level=1)
             times["overlay"] += time.perf_counter() - tic
             tic = time.perf_counter()
             ResultsWriter(out, label_space, (task,)).add(path.stem, path.stem, {task: result})
@@ -127,6 +131,7 @@ def main() -> None:
     parser.add_argument("--breakdown-images", type=int, default=40)
     parser.add_argument("--chunk", type=int, default=100, help="images per interleaved measurement")
     args = parser.parse_args()
+    load_at_start = os.getloadavg()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     model = Mask2Former.from_pretrained(args.checkpoint).eval().to(device)
@@ -207,7 +212,7 @@ def main() -> None:
         "folder_run_images_per_second": {k: round(v, 3) for k, v in folder_rates.items()},
         "breakdown_ms_per_image": {k: round(v, 2) for k, v in stages.items()},
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "load_average_at_end": os.getloadavg()},
+                    "load_average_at_start": load_at_start, "load_average_at_end": os.getloadavg()},
         "torch": torch.__version__,
     }
     key = f"{args.task}_{count + 1}img_b{args.batch_size}_t{args.threads}_{args.device}"

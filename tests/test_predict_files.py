@@ -209,3 +209,26 @@ def test_batching_by_size_gives_the_results_of_batch_size_one(model, tmp_path, m
         assert one["score"] == pytest.approx(other["score"], abs=1e-5)
         assert one["segmentation"]["size"] == other["segmentation"]["size"]
     assert [e["image_id"] for e in batched] == sorted(e["image_id"] for e in batched)  # in input order
+
+
+def test_min_size_resize_in_the_decoders_gives_the_predictors_results(model, tmp_path, monkeypatch):
+    """Images are resized in the decode threads and batched by their resized padded size; results and overlays
+    come at the original size, as ``Predictor(min_size=...)`` gives them."""
+    from mask2former.inference.predictor import Predictor
+
+    folder = tmp_path / "images"
+    sizes = [(40, 60), (80, 120), (64, 64)]  # -> 32x48, 32x48, 32x32 (min_size 32)
+    paths = write_images(folder, sizes)
+    calls = CountingForward(model, monkeypatch)
+    report = predict_files([folder], model=model, task="semantic", out_dir=tmp_path / "out", min_size=32,
+                           batch_size=2, progress=False)
+    assert report.predicted == 3 and not report.errors
+    assert sorted(calls.shapes) == [(1, 3, 32, 32), (2, 3, 32, 64)]
+    predictor = Predictor(model, task="semantic", min_size=32)
+    to_dataset = np.array([LABELS.to_dataset(i) for i in range(LABELS.num_classes)])
+    for path, size in zip(paths, sizes):
+        written = np.asarray(Image.open(tmp_path / "out" / "semantic" / f"{path.stem}.png"))
+        assert written.shape == size and np.array_equal(written, to_dataset[predictor(path).numpy()])
+        with Image.open(tmp_path / "out" / f"{path.stem}_semantic.png") as overlay:
+            overlay.load()  # a complete PNG (written at compression level 1)
+            assert overlay.size[0] >= size[1] and overlay.size[1] >= size[0]  # the image, and a legend

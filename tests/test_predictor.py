@@ -95,3 +95,53 @@ def test_bad_inputs_are_clear_errors(model, device, tmp_path):
 def test_bf16_path_runs(model, device):
     result = Predictor(model, task="semantic", precision="bf16", device=device)(random_image(64, 64, 6))
     assert result.shape == (64, 64)
+
+
+@pytest.mark.parametrize("task", ["semantic", "instance", "panoptic"])
+def test_forward_and_postprocess_steps_in_two_threads_equal_a_call(model, device, task):
+    """predict over folders post-processes batch k in a worker thread while the next batch runs the model."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    images = [random_image(64, 64, 1), random_image(60, 50, 3)]
+    predictor = Predictor(model, task=task, device=device, min_size=48, max_size=80)
+    expected = predictor(images)
+    prepared = [predictor.prepare(image) for image in images]
+    assert [size for size, _ in prepared] == [(64, 64), (60, 50)]
+    assert [tuple(image.shape[-2:]) for _, image in prepared] == [(48, 48), (58, 48)]  # 60 * 48 / 50 = 57.6
+    assert predictor.batch_key(prepared[0][1]) == predictor.batch_key(prepared[1][1]) == (64, 64)
+    forwarded = predictor.forward_batch([image for _, image in prepared], [size for size, _ in prepared])
+    with ThreadPoolExecutor(1) as pool:
+        results = pool.submit(predictor.postprocess_batch, forwarded, (task,)).result()
+    for result, single, (size, _) in zip(results, expected, prepared):
+        if task == "semantic":
+            assert tuple(single.shape) == size
+            assert torch.equal(result[task], single)
+        elif task == "panoptic":
+            assert torch.equal(result[task][0], single[0]) and result[task][1] == single[1]
+        else:
+            assert all(torch.equal(result[task][key], single[key]) for key in single)
+
+
+def test_panoptic_resizes_only_kept_queries_with_the_same_result(model, device):
+    """Oracle: panoptic inference on every query's logits resized to the image (the reference's order)."""
+    from mask2former.inference.postprocess import panoptic_inference, resize_mask_logits
+
+    image = random_image(50, 70, 7)
+    for threshold in (0.0, 0.2, 0.8):
+        predictor = Predictor(model, task="panoptic", device=device, object_mask_threshold=threshold)
+        segment_map, segments = predictor(image)
+        forwarded = predictor.forward_batch([to_uint8_chw(image)], [(50, 70)])
+        outputs = forwarded.outputs
+        resized = resize_mask_logits(outputs.pred_masks[0], forwarded.padded_size, (50, 70), (50, 70))
+        expected_map, expected_segments = panoptic_inference(
+            outputs.pred_logits[0], resized, predictor.is_thing, threshold, 0.8)
+        assert torch.equal(segment_map, expected_map.cpu()) and segments == expected_segments
+
+
+def test_label_space_is_the_models_or_class_names(model, device):
+    assert Predictor(model, device=device).label_space.names == LABELS.names
+    bare = Mask2Former(tiny_swin_config()).eval()
+    space = Predictor(bare, device=device).label_space
+    assert space.names == [f"class_{i}" for i in range(bare.num_classes)] and all(space.is_thing)
+    with pytest.raises(ValueError, match="label space has 2 classes"):
+        Predictor(model, device=device, label_space=LabelSpace(["a", "b"], [True, True]))

@@ -88,6 +88,13 @@ def _as_bool_vector(is_thing: Tensor | Sequence[bool], num_classes: int) -> Tens
     return flags
 
 
+def _panoptic_keep(class_logits: Tensor, object_mask_threshold: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Per query: its best class probability and class, and whether panoptic inference keeps it (not "no object",
+    probability above the threshold)."""
+    scores, labels = class_logits.softmax(-1).max(-1)
+    return scores, labels, labels.ne(class_logits.shape[-1] - 1) & (scores > object_mask_threshold)
+
+
 def panoptic_inference(
     class_logits: Tensor,
     mask_logits: Tensor,
@@ -107,8 +114,7 @@ def panoptic_inference(
     height, width = mask_logits.shape[-2:]
     segment_map = torch.zeros((height, width), dtype=torch.int32, device=mask_logits.device)
 
-    scores, labels = class_logits.softmax(-1).max(-1)
-    keep = labels.ne(num_classes) & (scores > object_mask_threshold)
+    scores, labels, keep = _panoptic_keep(class_logits, object_mask_threshold)
     if not bool(keep.any()):
         return segment_map, []
     kept_scores = scores[keep]
@@ -290,15 +296,19 @@ def batch_postprocess(
         if task == "semantic" and not semantic_postprocess_before_inference:
             scores = semantic_inference(image_cls, _resize(image_masks, _check_size(padded_size, "padded_size")))
             scores = crop_and_resize(scores, image_sizes[index], original_sizes[index])
+        elif task == "panoptic":
+            # Only the queries panoptic inference keeps are resized: the resize is per query, so the result is
+            # the same for a fraction of the work.
+            keep = _panoptic_keep(image_cls, object_mask_threshold)[2]
+            if bool(keep.any()):
+                image_cls, image_masks = image_cls[keep], image_masks[keep]
+            resized = resize_mask_logits(image_masks, padded_size, image_sizes[index], original_sizes[index])
+            results.append(panoptic_inference(image_cls, resized, is_thing, object_mask_threshold, overlap_threshold))
+            continue
         else:
             resized = resize_mask_logits(image_masks, padded_size, image_sizes[index], original_sizes[index])
             if task == "semantic":
                 scores = semantic_inference(image_cls, resized)
-            elif task == "panoptic":
-                results.append(
-                    panoptic_inference(image_cls, resized, is_thing, object_mask_threshold, overlap_threshold)
-                )
-                continue
             else:
                 results.append(instance_inference(image_cls, resized, is_thing, top_k, mask_boxes))
                 continue

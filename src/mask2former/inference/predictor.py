@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -18,6 +18,7 @@ from ..data.image_io import read_image
 from ..data.label_space import LabelSpace
 from ..data.transforms import resize_image, shortest_edge_size
 from ..modeling.model import Mask2Former
+from ..modeling.precision import autocast
 from .postprocess import batch_postprocess
 
 ImageInput = str | Path | Image.Image | np.ndarray | Tensor
@@ -70,6 +71,17 @@ def resize_shortest_edge(image: Tensor, min_size: int | None, max_size: int | No
     if (new_h, new_w) == (height, width):
         return image
     return resize_image(image, new_h, new_w)
+
+
+@dataclass
+class ForwardOutput:
+    """A batch's model outputs with what post-processing needs: the sizes the images ran at (``image_sizes``),
+    the padded batch size and the sizes to produce (``original_sizes``)."""
+
+    outputs: Any
+    image_sizes: list[tuple[int, int]]
+    padded_size: tuple[int, int]
+    original_sizes: list[tuple[int, int]]
 
 
 class Predictor:
@@ -128,16 +140,17 @@ class Predictor:
         self.precision = precision
         if label_space is None and model.labels is not None:
             label_space = LabelSpace.from_dict(model.labels)
-        self.label_space = label_space
-        if label_space is not None:
-            if label_space.num_classes != model.num_classes:
-                raise ValueError(
-                    f"label space has {label_space.num_classes} classes but the model predicts {model.num_classes}"
-                )
-            self.is_thing = label_space.is_thing_tensor()
-        else:
-            # Without a label space every class is a thing: no stuff merging is done.
-            self.is_thing = torch.ones(model.num_classes, dtype=torch.bool)
+        if label_space is None:
+            # Without one: "class_<i>" names, every class a thing (no stuff merging is done).
+            count = model.num_classes
+            label_space = LabelSpace([f"class_{i}" for i in range(count)], [True] * count)
+        elif label_space.num_classes != model.num_classes:
+            raise ValueError(
+                f"label space has {label_space.num_classes} classes but the model predicts {model.num_classes}"
+            )
+        #: The classes the results' contiguous ids name: the given one, the model's, or ``class_<i>`` names.
+        self.label_space: LabelSpace = label_space
+        self.is_thing = label_space.is_thing_tensor()
         if semantic_postprocess_before_inference is None:
             # As the model was trained (ModelConfig, saved with checkpoints): the reference's order for its tasks.
             semantic_postprocess_before_inference = bool(
@@ -155,49 +168,56 @@ class Predictor:
 
     def predict_tasks(self, images: Sequence[ImageInput], tasks: Sequence[str]) -> list[dict[str, Any]]:
         """One forward pass per batch, post-processed for each of ``tasks``: a ``{task: result}`` per image."""
-        prepared = []
-        for index, image in enumerate(images):
-            original = to_uint8_chw(image, f"image {index}")
-            prepared.append((tuple(original.shape[-2:]), resize_shortest_edge(original, self.min_size, self.max_size)))
+        prepared = [self.prepare(image, f"image {index}") for index, image in enumerate(images)]
         # Batch only images that pad to the same size, so that a result never depends on its batch-mates'
         # padding: batched results equal single-image results.
         groups: dict[tuple[int, int], list[int]] = {}
         for index, (_, image) in enumerate(prepared):
-            groups.setdefault(padded_size(image.shape[-2:], self.model.config.size_divisibility), []).append(index)
+            groups.setdefault(self.batch_key(image), []).append(index)
         results: list[dict[str, Any]] = [{} for _ in images]
         for indices in groups.values():
             for start in range(0, len(indices), self.batch_size):
                 chunk = indices[start : start + self.batch_size]
-                batch_results = self._predict_batch([prepared[i][1] for i in chunk], [prepared[i][0] for i in chunk], tasks)
-                for index, result in zip(chunk, batch_results):
+                forwarded = self.forward_batch([prepared[i][1] for i in chunk], [prepared[i][0] for i in chunk])
+                for index, result in zip(chunk, self.postprocess_batch(forwarded, tasks)):
                     results[index] = result
         return results
 
-    def _autocast(self):
-        if self.precision == "fp32":
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
-        return torch.autocast(self.device.type, dtype=dtype)
+    def prepare(self, image: ImageInput, where: str = "image") -> tuple[tuple[int, int], Tensor]:
+        """``(original (H, W), uint8 [3, h, w] image at the size the model sees)`` (``min_size`` / ``max_size``)."""
+        original = to_uint8_chw(image, where)
+        return (int(original.shape[-2]), int(original.shape[-1])), resize_shortest_edge(
+            original, self.min_size, self.max_size)
+
+    def batch_key(self, image: Tensor) -> tuple[int, int]:
+        """The padded size a prepared image runs at: only images with the same key share a batch."""
+        return padded_size(image.shape[-2:], self.model.config.size_divisibility)
 
     @torch.inference_mode()
-    def _predict_batch(
-        self, images: list[Tensor], original_sizes: list[tuple[int, int]], tasks: Sequence[str]
-    ) -> list[dict[str, Any]]:
+    def forward_batch(self, images: list[Tensor], original_sizes: list[tuple[int, int]]) -> ForwardOutput:
+        """The model on prepared images of one ``batch_key``; ``postprocess_batch`` makes the results (it may run
+        in another thread, overlapping the next batch's forward)."""
         batch, padding_mask, image_sizes = pad_images(images, self.model.config.size_divisibility)
         batch, padding_mask = batch.to(self.device), padding_mask.to(self.device)
-        with self._autocast():
+        with autocast(self.precision, self.device.type):
             outputs = self.model(self.model.normalize(batch, padding_mask), aux_outputs=False)
         outputs.pred_logits = outputs.pred_logits.float()
         outputs.pred_masks = outputs.pred_masks.float()
+        return ForwardOutput(outputs, [tuple(size) for size in image_sizes], tuple(batch.shape[-2:]),
+                             list(original_sizes))
+
+    @torch.inference_mode()
+    def postprocess_batch(self, forwarded: ForwardOutput, tasks: Sequence[str]) -> list[dict[str, Any]]:
+        """``{task: result}`` per image of a ``forward_batch`` output, on the CPU."""
         is_thing = self.is_thing.to(self.device)
         per_task = {
             task: batch_postprocess(
-                outputs, image_sizes, original_sizes, task, is_thing, padded_size=tuple(batch.shape[-2:]),
-                **self.postprocess_options,
+                forwarded.outputs, forwarded.image_sizes, forwarded.original_sizes, task, is_thing,
+                padded_size=forwarded.padded_size, **self.postprocess_options,
             )
             for task in tasks
         }
-        return [{task: _to_cpu(per_task[task][i]) for task in tasks} for i in range(len(images))]
+        return [{task: _to_cpu(per_task[task][i]) for task in tasks} for i in range(len(forwarded.image_sizes))]
 
 
 def _to_cpu(result: Any) -> Any:
