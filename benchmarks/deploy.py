@@ -38,7 +38,7 @@ VARIANTS = ("pytorch_fp32", "pytorch_bf16", "onnxruntime_fp32", "onnxruntime_int
 
 
 def make_runners(model, fp32_path: Path, int8_path: Path, threads: int) -> dict:
-    from mask2former.interop.onnx import OnnxModel
+    from mask2former.apps.onnx import OnnxModel
 
     onnx_fp32 = OnnxModel(fp32_path, threads=threads)
     onnx_int8 = OnnxModel(int8_path, threads=threads)
@@ -87,7 +87,7 @@ def sign_agreement(runners: dict, images: torch.Tensor) -> dict:
 
 
 def export_both(model, directory: Path, size: int) -> tuple[Path, Path, dict]:
-    from mask2former.interop.onnx import export_onnx
+    from mask2former.apps.onnx import export_onnx
 
     path = directory / "model.onnx"
     report = export_onnx(model, path, height=size, width=size, quantize="int8")

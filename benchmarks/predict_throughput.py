@@ -40,7 +40,7 @@ from mask2former.data.collate import pad_images
 from mask2former.data.export import export_fashion_scenes
 from mask2former.data.image_io import read_image
 from mask2former.evaluation.results_files import ResultsWriter
-from mask2former.inference.predict_files import predict_files
+from mask2former.apps.predict_files import predict_files
 from mask2former.inference.predictor import Predictor
 from mask2former.modeling.model import Mask2Former
 from mask2former.viz import visualize

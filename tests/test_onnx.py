@@ -20,7 +20,7 @@ SIZES = [(1, 64, 64), (2, 64, 128), (1, 75, 53), (1, 96, 40)]
 
 @pytest.mark.parametrize("backbone", ["swin_tiny", "tf_efficientnet_lite0"])
 def test_one_file_matches_pytorch_at_every_size(tmp_path, backbone):
-    from mask2former.interop.onnx import OnnxModel, export_onnx
+    from mask2former.apps.onnx import OnnxModel, export_onnx
 
     config = tiny_swin_config() if backbone == "swin_tiny" else tiny_swin_config(backbone=BackboneConfig(name=backbone))
     model = Mask2Former(config).eval()
@@ -43,7 +43,7 @@ def test_one_file_matches_pytorch_at_every_size(tmp_path, backbone):
 
 def test_predictor_runs_the_onnx_model_like_pytorch_without_an_export_size(tmp_path):
     from mask2former.data.label_space import LabelSpace
-    from mask2former.interop.onnx import OnnxModel, export_onnx
+    from mask2former.apps.onnx import OnnxModel, export_onnx
 
     labels = LabelSpace(["a", "b", "c", "d", "e"], [True, True, True, False, False])
     model = Mask2Former(tiny_swin_config(), labels=labels.to_dict()).eval()
@@ -73,7 +73,7 @@ def _trained_like(model: Mask2Former) -> Mask2Former:
 
 
 def test_int8_export_runs_and_agrees_with_fp32(tmp_path):
-    from mask2former.interop.onnx import OnnxModel, export_onnx
+    from mask2former.apps.onnx import OnnxModel, export_onnx
 
     model = _trained_like(Mask2Former(tiny_swin_config()))
     report = export_onnx(model, tmp_path / "model.onnx", height=64, width=64, quantize="int8", check_sizes=SIZES[:3])
@@ -128,7 +128,7 @@ def test_cli_exports_int8_and_predicts_with_it(tmp_path, capsys):
 
 
 def test_quantize_rejects_unknown_modes(tmp_path):
-    from mask2former.interop.onnx import export_onnx
+    from mask2former.apps.onnx import export_onnx
 
     with pytest.raises(ValueError, match="quantize must be one of int8"):
         export_onnx(Mask2Former(tiny_swin_config()), tmp_path / "m.onnx", height=64, width=64, quantize="int4")

@@ -9,7 +9,7 @@ from PIL import Image
 
 from mask2former.cli import main
 from mask2former.data.label_space import LabelSpace
-from mask2former.inference.predict_files import collect_images, predict_files
+from mask2former.apps.predict_files import collect_images, predict_files
 from mask2former.modeling.model import Mask2Former
 
 from conftest import tiny_swin_config

@@ -139,7 +139,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from .inference.predict_files import predict_files
+    from .apps.predict_files import predict_files
 
     print(f"precision: {args.precision}")
     report = predict_files(
@@ -159,7 +159,7 @@ def cmd_predict(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .interop.onnx import export_onnx
+    from .apps.onnx import export_onnx
 
     report = export_onnx(args.checkpoint, args.out, height=args.height, width=args.width, quantize=args.quantize)
     print(json.dumps(report, indent=2))

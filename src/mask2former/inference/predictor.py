@@ -120,7 +120,7 @@ class Predictor:
         if precision not in ("fp32", "bf16", "fp16"):
             raise ValueError(f"precision must be fp32, bf16 or fp16, got {precision!r}")
         self.device = torch.device(device)
-        # A path is loaded; anything else is used as the model (a Mask2Former, or interop.onnx.OnnxModel).
+        # A path is loaded; anything else is used as the model (a Mask2Former, or apps.onnx.OnnxModel).
         if isinstance(model_or_path, (str, Path)):
             model = Mask2Former.from_pretrained(model_or_path)
         else:

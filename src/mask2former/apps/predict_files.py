@@ -36,7 +36,7 @@ from ..data.image_io import one_line, read_image
 from ..data.label_space import LabelSpace
 from ..evaluation.results_files import RESULT_FILES, ResultsWriter
 from ..viz import visualize
-from .predictor import ForwardOutput, Predictor
+from ..inference.predictor import ForwardOutput, Predictor
 
 __all__ = ["PredictReport", "collect_images", "predict_files"]
 
@@ -129,7 +129,7 @@ def predict_files(
         raise ValueError(f"--workers must be at least 1, got {workers}")
     if model is None:
         if onnx is not None:
-            from ..interop.onnx import OnnxModel
+            from ..apps.onnx import OnnxModel
 
             model = OnnxModel(onnx)
         elif checkpoint is not None:
