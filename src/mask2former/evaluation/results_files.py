@@ -38,6 +38,8 @@ __all__ = ["ResultsWriter", "SavedPredictions", "file_stem", "RESULT_FILES"]
 
 # What marks a task's results in a predictions folder.
 RESULT_FILES = {"panoptic": "panoptic.json", "instance": "instances.json", "semantic": "semantic"}
+# Result PNGs are label maps (large flat regions): zlib level 1 writes the same pixels ~3x faster than the default 6.
+PNG_LEVEL = 1
 
 
 def file_stem(image_id: Any, file_name: str | None = None) -> str:
@@ -93,7 +95,7 @@ class ResultsWriter:
         if "panoptic" in self.tasks:
             segment_map, segments_info = result["panoptic"]
             ids = torch.as_tensor(segment_map).cpu().numpy().astype(np.int64)
-            Image.fromarray(id_to_rgb(ids)).save(self.out_dir / "panoptic" / f"{stem}.png")
+            Image.fromarray(id_to_rgb(ids)).save(self.out_dir / "panoptic" / f"{stem}.png", compress_level=PNG_LEVEL)
             self._panoptic.append({"image_id": image_id, "file_name": f"{stem}.png", "segments_info": [
                 {"id": int(info["id"]), "category_id": self.label_space.to_dataset(int(info["category_id"])),
                  "isthing": int(self.label_space.is_thing[int(info["category_id"])]),
@@ -112,7 +114,7 @@ class ResultsWriter:
         if "semantic" in self.tasks:
             values = self._dataset_ids[torch.as_tensor(result["semantic"]).cpu().numpy().astype(np.int64)]
             dtype = np.uint8 if values.max(initial=0) < 256 else np.uint16
-            Image.fromarray(values.astype(dtype)).save(self.out_dir / "semantic" / f"{stem}.png")
+            Image.fromarray(values.astype(dtype)).save(self.out_dir / "semantic" / f"{stem}.png", compress_level=PNG_LEVEL)
         added: dict[str, Any] = {}
         if "panoptic" in self.tasks:
             added["panoptic"] = self._panoptic[-1]

