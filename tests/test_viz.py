@@ -109,3 +109,21 @@ def test_instance_ground_truth_shows_things_only():
     out = compare(sample, empty, "instance", LABELS, legend=False)
     top = out.height - H
     assert pixel(out, 3, top + 35) == blend(RED) and pixel(out, 50, top + 35) == (GRAY, GRAY, GRAY)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_one_pass_overlay_of_disjoint_segments_equals_the_per_segment_overlay(seed):
+    # Random blocky segment maps over a random picture: the one-pass blend and outlines (panoptic and semantic
+    # draw with them) must give the pixels the per-segment drawing (used for overlapping instances) gives.
+    from mask2former.viz import _overlay, to_pil_image
+
+    generator = torch.Generator().manual_seed(seed)
+    image = to_pil_image(torch.randint(0, 256, (3, H, W), generator=generator, dtype=torch.uint8))
+    coarse = torch.randint(0, 6, (H // 4 + 1, W // 4 + 1), generator=generator)
+    segment_index = coarse.repeat_interleave(4, 0).repeat_interleave(4, 1)[:H, :W].numpy()
+    colors = [tuple(int(v) for v in torch.randint(0, 256, (3,), generator=generator)) for _ in range(5)]
+    segments = [(segment_index == k + 1, colors[k], None) for k in range(5)]
+    for alpha in (0.5, 0.3, 1.0):
+        expected = np.asarray(_overlay(image, segments, alpha, None))
+        actual = np.asarray(_overlay(image, segments, alpha, None, segment_index=segment_index))
+        assert np.array_equal(actual, expected)

@@ -10,6 +10,7 @@ object has none).
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -59,7 +60,10 @@ def to_pil_image(image: Any) -> Image.Image:
     if isinstance(image, Tensor):
         if image.dim() != 3 or image.shape[0] not in (1, 3):
             raise ValueError(f"image tensor must be [3, H, W], got {tuple(image.shape)}")
-        array = image.detach().cpu().float().clamp(0, 255).round().to(torch.uint8).expand(3, -1, -1)
+        array = image.detach().cpu()
+        if array.dtype != torch.uint8:
+            array = array.float().clamp(0, 255).round().to(torch.uint8)
+        array = array.expand(3, -1, -1)
         return Image.fromarray(array.permute(1, 2, 0).numpy())
     array = np.asarray(image)
     if array.ndim == 2:
@@ -69,8 +73,14 @@ def to_pil_image(image: Any) -> Image.Image:
     return Image.fromarray(np.clip(array, 0, 255).astype(np.uint8))
 
 
+_fonts = threading.local()
+
+
 def _font() -> ImageFont.ImageFont:
-    return ImageFont.load_default()
+    # One per thread: building it decodes the font each time, and a FreeType face must not be shared by threads.
+    if not hasattr(_fonts, "font"):
+        _fonts.font = ImageFont.load_default()
+    return _fonts.font
 
 
 def _boundary(mask: np.ndarray) -> np.ndarray:
@@ -103,15 +113,31 @@ def _overlay(
     segments: Sequence[tuple[np.ndarray, Color, str | None]],
     alpha: float,
     legend: Sequence[tuple[str, Color]] | None,
+    segment_index: np.ndarray | None = None,
 ) -> Image.Image:
-    """Blend each (mask, colour, label) into the image, outline it, label it, then add the legend."""
+    """Blend each (mask, colour, label) into the image, outline it, label it, then add the legend.
+
+    ``segment_index`` ([H, W], k + 1 where segment k is, 0 elsewhere) says the masks are disjoint: blending and
+    outlines then take one pass over the image instead of one per segment (same pixels)."""
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     base = np.asarray(image, dtype=np.float32).copy()
-    for mask, color, _ in segments:
-        base[mask] = (1.0 - alpha) * base[mask] + alpha * np.asarray(color, dtype=np.float32)
-    for mask, color, _ in segments:
-        base[_boundary(mask)] = color
+    if segment_index is None:
+        for mask, color, _ in segments:
+            base[mask] = (1.0 - alpha) * base[mask] + alpha * np.asarray(color, dtype=np.float32)
+        for mask, color, _ in segments:
+            base[_boundary(mask)] = color
+    else:
+        colors = np.asarray([(0, 0, 0)] + [color for _, color, _ in segments], dtype=np.float32)
+        painted = (segment_index > 0)[..., None]
+        blended = ((1.0 - alpha) * base + alpha * colors[segment_index]).astype(np.float32)
+        base = np.where(painted, blended, base)
+        # A segment's outline: its pixels with a 4-neighbour in another segment, void or outside the image.
+        padded = np.pad(segment_index, 1, constant_values=-1)
+        inside = ((padded[:-2, 1:-1] == segment_index) & (padded[2:, 1:-1] == segment_index)
+                  & (padded[1:-1, :-2] == segment_index) & (padded[1:-1, 2:] == segment_index))
+        outline = (segment_index > 0) & ~inside
+        base[outline] = colors[segment_index[outline]]
     canvas = Image.fromarray(base.round().astype(np.uint8))
     draw = ImageDraw.Draw(canvas)
     for mask, _, text in segments:
@@ -173,7 +199,10 @@ def draw_semantic(
     segments = [
         (class_map == c, class_color(label_space, c), label_space.names[c]) for c in present
     ]
-    return _overlay(picture, segments, alpha, _legend_entries(label_space, present) if legend else None)
+    index_of_class = np.zeros(max(int(class_map.max(initial=0)), 0) + 1, dtype=np.int64)
+    index_of_class[present] = np.arange(1, len(present) + 1)
+    return _overlay(picture, segments, alpha, _legend_entries(label_space, present) if legend else None,
+                    segment_index=np.where(class_map >= 0, index_of_class[np.maximum(class_map, 0)], 0))
 
 
 def draw_instances(
@@ -222,13 +251,17 @@ def draw_panoptic(
     ids = _numpy(segment_map)
     _check_size(ids, picture, "segment map")
     segments, shown = [], []
+    index_of_id = np.zeros(max(int(ids.max(initial=0)), 0) + 1, dtype=np.int64)
     for info in segments_info:
         label = int(info["category_id"])
         name = label_space.names[label]
         text = f"{name} {info['score']:.2f}" if "score" in info else name
         segments.append((ids == int(info["id"]), class_color(label_space, label), text))
         shown.append(label)
-    return _overlay(picture, segments, alpha, _legend_entries(label_space, shown) if legend and shown else None)
+        if 0 <= int(info["id"]) < len(index_of_id):
+            index_of_id[int(info["id"])] = len(segments)
+    return _overlay(picture, segments, alpha, _legend_entries(label_space, shown) if legend and shown else None,
+                    segment_index=np.where(ids >= 0, index_of_id[np.maximum(ids, 0)], 0))
 
 
 def draw_sample(sample: Mapping[str, Any], task: str, label_space: Any, image: Any = None, **kwargs) -> Image.Image:
