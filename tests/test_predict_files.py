@@ -232,3 +232,54 @@ def test_min_size_resize_in_the_decoders_gives_the_predictors_results(model, tmp
         with Image.open(tmp_path / "out" / f"{path.stem}_semantic.png") as overlay:
             overlay.load()  # a complete PNG (written at compression level 1)
             assert overlay.size[0] >= size[1] and overlay.size[1] >= size[0]  # the image, and a legend
+
+
+def test_gate_holds_worker_tasks_while_the_model_runs_and_waits_for_running_ones():
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mask2former.apps.predict_pipeline import Gate
+
+    gate, events = Gate(enabled=True), []
+    task_may_end, forward_may_end = threading.Event(), threading.Event()
+
+    def task(name, wait=None):
+        events.append(f"{name} start")
+        if wait is not None:
+            wait.wait(5)
+        events.append(f"{name} end")
+
+    def forward():
+        with gate.closed():
+            events.append("forward")
+            forward_may_end.wait(5)
+
+    def wait_for(event):
+        deadline = time.monotonic() + 5
+        while event not in events and time.monotonic() < deadline:
+            time.sleep(0.001)
+
+    with ThreadPoolExecutor(2) as pool:
+        running = pool.submit(gate.after, task, "running", task_may_end)
+        wait_for("running start")
+        model = threading.Thread(target=forward)
+        model.start()
+        time.sleep(0.05)
+        assert "forward" not in events  # closing waits for the task already running
+        task_may_end.set()
+        wait_for("forward")
+        assert events == ["running start", "running end", "forward"]
+        held = pool.submit(gate.after, task, "held")
+        time.sleep(0.05)
+        assert "held start" not in events  # a task submitted while the model runs waits for it
+        forward_may_end.set()
+        model.join(5)
+        held.result(5)
+        running.result(5)
+    assert events[-2:] == ["held start", "held end"]
+
+    disabled, order = Gate(enabled=False), []
+    with disabled.closed():
+        disabled.after(order.append, "ran")  # CUDA models: nothing waits
+    assert order == ["ran"]

@@ -2,11 +2,10 @@
 and write the standard results files (COCO panoptic results, the COCO results list with RLE masks, or label PNGs
 in the data set's values), a PNG overlay per image and a readable ``summary.json``.
 
-The run is a pipeline: worker threads decode (and resize) images (PIL releases the GIL) into a bounded prefetch
+The run is a pipeline (``predict_pipeline``): worker threads decode (and resize) images into a bounded prefetch
 queue, the main thread batches images of the same padded size and runs the model, and worker threads post-process
-each batch (while the main thread runs the next one) and write each image's outputs (overlay drawing, PNG and RLE
-encoding). A file that cannot be read is an error for that file only: it is
-listed at the end and the others go on.
+each image and write its outputs (overlay drawing, PNG and RLE encoding); on a CPU the workers wait while the model
+runs. A file that cannot be read is an error for that file only: it is listed at the end and the others go on.
 
 Resuming: each finished image leaves a record ``OUT/.predict/<task>/<stem>.json`` (its summary entry and its JSON
 results entries), written after its PNGs. A later run into the same folder skips images whose record and output
@@ -16,29 +15,24 @@ input images, so they are complete however many runs it took.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import functools
 import glob
 import json
 import os
 import shutil
-import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
-import torch
 from torch import Tensor
 
-from ..data.image_io import one_line, read_image
 from ..data.label_space import LabelSpace
 from ..evaluation.results_files import RESULT_FILES, ResultsWriter
 from ..viz import visualize
 from ..inference.predictor import ForwardOutput, Predictor
+from .predict_pipeline import Buckets, Decoded, Gate, decoded_images, single_threaded_torch
 
 __all__ = ["PredictReport", "collect_images", "predict_files"]
 
@@ -171,18 +165,18 @@ def predict_files(
             todo.append(index)
     report.resumed = len(records)
 
-    def finish(item: _Decoded, forwarded: ForwardOutput) -> tuple[int, dict[str, Any]]:
+    def finish(item: Decoded, forwarded: ForwardOutput) -> tuple[int, dict[str, Any]]:
         """Post-process one image and write its outputs (in a worker thread)."""
         result = predictor.postprocess_batch(forwarded, (task,))[0][task]
         return item.index, _write_outputs(out, records_dir, task, label_space, paths[item.index], ids[item.index],
                                           item.image, result, overlays)
 
-    gate = _Gate(enabled=predictor.device.type == "cpu")
+    gate = Gate(enabled=predictor.device.type == "cpu")
     started = time.perf_counter()
     bar = _progress_bar(len(todo), progress)
     try:
-        with ThreadPoolExecutor(workers, "decode", _single_threaded_torch) as decoders, \
-                ThreadPoolExecutor(workers, "write", _single_threaded_torch) as writers:
+        with ThreadPoolExecutor(workers, "decode", single_threaded_torch) as decoders, \
+                ThreadPoolExecutor(workers, "write", single_threaded_torch) as writers:
             writing: deque[Future] = deque()
 
             def finish_oldest() -> None:
@@ -192,7 +186,7 @@ def predict_files(
                 report.predicted += 1
                 bar.update(1)
 
-            def run_batch(batch: list[_Decoded]) -> None:
+            def run_batch(batch: list[Decoded]) -> None:
                 with gate.closed():
                     forwarded = predictor.forward_batch([item.prepared for item in batch],
                                                         [item.original_size for item in batch])
@@ -202,8 +196,8 @@ def predict_files(
                 while len(writing) > (workers + 1) * batch_size:
                     finish_oldest()
 
-            buckets = _Buckets(predictor, batch_size, run_batch)
-            for item in _decoded(todo, paths, predictor, decoders, gate, prefetch=2 * batch_size + 2 * workers):
+            buckets = Buckets(predictor, batch_size, run_batch)
+            for item in decoded_images(todo, paths, predictor, decoders, gate, prefetch=2 * batch_size + 2 * workers):
                 if item.error is not None:
                     report.errors.append((str(paths[item.index]), item.error))
                     bar.update(1)
@@ -218,138 +212,6 @@ def predict_files(
     report.files = _write_results(out, task, label_space, precision, [records[i] for i in sorted(records)],
                                   report.errors)
     return report
-
-
-@dataclass
-class _Decoded:
-    """One input file after decoding: the image as read, its size and the image the model gets (resized by
-    ``min_size`` / ``max_size``), or the one-line ``error`` that made it unreadable."""
-
-    index: int
-    image: Tensor | None = None
-    original_size: tuple[int, int] = (0, 0)
-    prepared: Tensor | None = None
-    error: str | None = None
-
-
-def _single_threaded_torch() -> None:
-    """Thread-pool initializer: torch ops in this worker run on this thread alone. The model's forward keeps the
-    cores busy; an OpenMP team per worker thread (libgomp gives each calling thread its own) would only add
-    threads that spin and stall the forward's. OpenMP's thread count is per calling thread; ``torch.set_num_threads``
-    would change the main thread's too."""
-    torch.get_num_threads()  # torch sets the calling thread's OpenMP count on first use: let it do so first
-    set_num_threads = _omp_set_num_threads()
-    if set_num_threads is not None:
-        set_num_threads(1)
-
-
-@functools.lru_cache(maxsize=1)
-def _omp_set_num_threads() -> Callable[[int], Any] | None:
-    """``omp_set_num_threads`` of the OpenMP runtime torch loaded (None where it cannot be found: no change)."""
-    try:
-        with open("/proc/self/maps") as maps:
-            libraries = {line.split()[-1] for line in maps if line.rstrip().endswith((".so", ".so.1", ".so.5"))}
-        path = next(name for name in sorted(libraries) if Path(name).name.startswith(("libgomp", "libiomp", "libomp")))
-        return ctypes.CDLL(path).omp_set_num_threads
-    except (OSError, StopIteration, AttributeError):
-        return None
-
-
-class _Gate:
-    """Worker tasks run only while the model does not. On a CPU the forward's OpenMP threads use every core, and a
-    worker that preempts one of them stalls the others at the next barrier (they spin), which costs more than the
-    worker's own work: closing the gate waits for running tasks and holds new ones until the forward is done.
-    Measured (benchmarks/predict_throughput.py): predict 0.82x -> 0.84x the bare forward's images/s. Disabled for
-    CUDA models, whose forward leaves the CPU free."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-        self._condition = threading.Condition()
-        self._running = 0
-        self._closed = False
-
-    @contextlib.contextmanager
-    def closed(self):
-        if not self.enabled:
-            yield
-            return
-        with self._condition:
-            self._closed = True
-            self._condition.wait_for(lambda: self._running == 0)
-        try:
-            yield
-        finally:
-            with self._condition:
-                self._closed = False
-                self._condition.notify_all()
-
-    def after(self, function: Callable[..., Any], *args: Any) -> Any:
-        """``function(*args)`` once the gate is open."""
-        with self._condition:
-            self._condition.wait_for(lambda: not self._closed)
-            self._running += 1
-        try:
-            return function(*args)
-        finally:
-            with self._condition:
-                self._running -= 1
-                self._condition.notify_all()
-
-
-class _Buckets:
-    """Images waiting for a batch, keyed by the padded size they go into the model with: a batch holds one size,
-    so no image is padded for a batch-mate (batched results equal single-image results)."""
-
-    def __init__(self, predictor: Predictor, batch_size: int, run: Callable[[list[_Decoded]], None]) -> None:
-        self.predictor, self.batch_size, self.run = predictor, batch_size, run
-        self.buckets: dict[tuple[int, int], list[_Decoded]] = {}
-        self.waiting = 0
-
-    def add(self, item: _Decoded) -> None:
-        key = self.predictor.batch_key(item.prepared)
-        bucket = self.buckets.setdefault(key, [])
-        bucket.append(item)
-        self.waiting += 1
-        if len(bucket) >= self.batch_size:
-            self._run(key)
-        elif self.waiting > 4 * self.batch_size:
-            # Many sizes, few of each: run the fullest bucket rather than hold images without bound.
-            self._run(max(self.buckets, key=lambda k: len(self.buckets[k])))
-
-    def _run(self, key: tuple[int, int]) -> None:
-        batch = self.buckets.pop(key)
-        self.waiting -= len(batch)
-        self.run(batch)
-
-    def flush(self) -> None:
-        for key in list(self.buckets):
-            self._run(key)
-
-
-def _decoded(todo: list[int], paths: list[Path], predictor: Predictor, pool: ThreadPoolExecutor, gate: _Gate,
-             prefetch: int):
-    """A ``_Decoded`` per index of ``todo``, in order, decoded and prepared ``prefetch`` ahead."""
-
-    def decode(index: int) -> _Decoded:
-        try:
-            image = read_image(paths[index])
-        except (OSError, ValueError) as error:  # missing, unreadable, not an image, truncated, corrupt
-            return _Decoded(index, error=one_line(error))
-        original_size, prepared = predictor.prepare(image, str(paths[index]))
-        return _Decoded(index, image, original_size, prepared)
-
-    pending: deque[tuple[int, Future]] = deque()
-    upcoming = iter(todo)
-    for index in upcoming:
-        pending.append((index, pool.submit(gate.after, decode, index)))
-        if len(pending) >= prefetch:
-            break
-    while pending:
-        index, future = pending.popleft()
-        following = next(upcoming, None)
-        if following is not None:
-            pending.append((following, pool.submit(gate.after, decode, following)))
-        yield future.result()
 
 
 def _source_key(path: Path) -> list[Any]:
