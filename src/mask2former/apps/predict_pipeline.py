@@ -129,7 +129,7 @@ class Buckets:
 
 
 def decoded_images(todo: list[int], paths: list[Path], predictor: Predictor, pool: ThreadPoolExecutor, gate: Gate,
-             prefetch: int):
+                   prefetch: int):
     """A ``Decoded`` per index of ``todo``, in order, decoded and prepared ``prefetch`` ahead."""
 
     def decode(index: int) -> Decoded:
