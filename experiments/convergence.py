@@ -679,15 +679,8 @@ def plot(arms: dict[str, list[dict[str, Any]]], directory: Path) -> list[Path]:
         if key == "PQ":
             for target in PQ_TARGETS:
                 axis.axhline(target, color="grey", linestyle=":", linewidth=1)
-        axis.set_xlabel("iteration")
-        axis.set_ylabel(f"{key} (val)")
-        axis.set_title(f"{key} vs iteration (mean ± std over seeds)")
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
-    figure.tight_layout()
-    curves_path = directory / "convergence_curves.png"
-    figure.savefig(curves_path, dpi=110)
-    plt.close(figure)
+        _label_axis(axis, "iteration", f"{key} (val)", f"{key} vs iteration (mean ± std over seeds)")
+    curves_path = _save_figure(plt, figure, directory / "convergence_curves.png")
 
     figure, axes = plt.subplots(1, 2, figsize=(11, 4))
     for axis, key, title in ((axes[0], "mIoU_L", "mIoU-L_i (prediction i vs i+1)"), (axes[1], "Util", "Util_i")):
@@ -696,16 +689,24 @@ def plot(arms: dict[str, list[dict[str, Any]]], directory: Path) -> list[Path]:
         for arm, values in stats.items():
             axis.errorbar(range(width - len(values), width), [v[0] for v in values],
                           yerr=[0.0 if math.isnan(v[1]) else v[1] for v in values], marker="o", capsize=3, label=arm)
-        axis.set_xlabel("decoder prediction i")
-        axis.set_ylabel(f"{key} (%)")
-        axis.set_title(title + ", end of training")
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=8)
-    figure.tight_layout()
-    layers_path = directory / "convergence_layers.png"
-    figure.savefig(layers_path, dpi=110)
-    plt.close(figure)
+        _label_axis(axis, "decoder prediction i", f"{key} (%)", title + ", end of training")
+    layers_path = _save_figure(plt, figure, directory / "convergence_layers.png")
     return [curves_path, layers_path]
+
+
+def _label_axis(axis, xlabel: str, ylabel: str, title: str) -> None:
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel(ylabel)
+    axis.set_title(title)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+
+
+def _save_figure(plt, figure, path: Path) -> Path:
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
 
 
 def kept_reading(path: Path) -> str:
