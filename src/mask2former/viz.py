@@ -129,14 +129,14 @@ def _overlay(
             base[_boundary(mask)] = color
     else:
         colors = np.asarray([(0, 0, 0)] + [color for _, color, _ in segments], dtype=np.float32)
-        painted = (segment_index > 0)[..., None]
+        painted = segment_index > 0
         blended = ((1.0 - alpha) * base + alpha * colors[segment_index]).astype(np.float32)
-        base = np.where(painted, blended, base)
+        base = np.where(painted[..., None], blended, base)
         # A segment's outline: its pixels with a 4-neighbour in another segment, void or outside the image.
         padded = np.pad(segment_index, 1, constant_values=-1)
         inside = ((padded[:-2, 1:-1] == segment_index) & (padded[2:, 1:-1] == segment_index)
                   & (padded[1:-1, :-2] == segment_index) & (padded[1:-1, 2:] == segment_index))
-        outline = (segment_index > 0) & ~inside
+        outline = painted & ~inside
         base[outline] = colors[segment_index[outline]]
     canvas = Image.fromarray(base.round().astype(np.uint8))
     draw = ImageDraw.Draw(canvas)
