@@ -387,3 +387,17 @@ def test_mask_piloting_adds_its_losses(tmp_path):
     losses = result["losses"]
     assert {"loss_ce_mp", "loss_mask_mp", "loss_dice_mp", "loss_ce_mp_0"} <= set(losses)
     assert all(torch.isfinite(torch.tensor(value)) for key, value in losses.items() if key.startswith("loss"))
+
+
+def test_auto_precision_is_bf16_only_where_native(tmp_path, monkeypatch):
+    from mask2former.modeling import precision as precision_module
+
+    for native, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(precision_module, "native_bf16", lambda device, native=native: native)
+        config = tiny_config(tmp_path / expected, precision="auto")
+        trainer = Trainer(config, train_dataset=BoxScenes(), device="cpu", progress_bar=False, tensorboard=False)
+        assert trainer.config.solver.precision == expected  # resolved once, so checkpoints record what ran
+        assert "auto" in trainer.precision_note
+    # The real probe agrees with oneDNN's own bf16 check on this CPU.
+    monkeypatch.undo()
+    assert precision_module.native_bf16(torch.device("cpu")) == bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())

@@ -172,7 +172,7 @@ class SolverConfig:
     max_iter: int = 160000
     batch_size: int = 16
     accumulation_steps: int = 1
-    precision: str = "fp32"  # fp32 | bf16 | fp16
+    precision: str = "fp32"  # fp32 | bf16 | fp16 | auto (bf16 where the device runs it natively, else fp32)
 
 
 TASKS = ("panoptic", "instance", "semantic")  # what a model predicts and the evaluation scores

@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader
 from ..config import Config
 from ..data.collate import collate
 from ..data.contracts import BatchTarget, CriterionTarget
-from ..modeling.precision import autocast
+from ..modeling.precision import autocast, resolve_precision
 from . import distributed as dist_utils
 from .best_model import DEFAULT_BEST_METRIC, BestModelTracker
 from .callbacks import Callback
@@ -122,8 +122,13 @@ class Trainer(TrainStateMixin):
         self.num_workers = config.data.num_workers if num_workers is None else num_workers
 
         solver = config.solver
-        if solver.precision not in ("fp32", "bf16", "fp16"):
-            raise ValueError(f"solver.precision must be fp32, bf16 or fp16, got {solver.precision!r}")
+        if solver.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ValueError(f"solver.precision must be auto, fp32, bf16 or fp16, got {solver.precision!r}")
+        self.precision_note = ""
+        if solver.precision == "auto":  # resolved once: the run (and its checkpoints) record what ran
+            solver.precision = resolve_precision("auto", self.device)
+            self.precision_note = (" (auto: bf16 is native here)" if solver.precision == "bf16"
+                                   else " (auto: no native bf16 here; emulated bf16 is far slower than fp32)")
         if solver.precision == "fp16" and self.device.type != "cuda":
             raise ValueError("solver.precision=fp16 needs a CUDA device (GradScaler); use bf16 on CPU")
         self.micro_batch_size = dist_utils.per_device_batch_size(
@@ -251,9 +256,10 @@ class Trainer(TrainStateMixin):
             callback.on_train_start(self)
         if self.is_main:
             logger.info("training %s for %d iterations (from %d): global batch %d = %d per device x %d processes "
-                        "x %d accumulation, precision %s, device %s", type(self.model).__name__, self.max_iter,
+                        "x %d accumulation, precision %s%s, device %s", type(self.model).__name__, self.max_iter,
                         start_step, self.config.solver.batch_size, self.micro_batch_size, self.context.world_size,
-                        self.config.solver.accumulation_steps, self.config.solver.precision, self.device)
+                        self.config.solver.accumulation_steps, self.config.solver.precision, self.precision_note,
+                        self.device)
         last_checkpoint = None
         train_config = self.config.train
         try:
