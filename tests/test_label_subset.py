@@ -141,6 +141,8 @@ def test_default_model_scores_the_same_ap_on_its_coco_instance_export(fashion_mo
     printed = capsys.readouterr().out
     assert "scored on the data set's 10 of the model's" in printed and "are not scored as any class" in printed
     assert {"PQ", "mIoU", "AP"} <= full["metrics"].keys() and "PQ" not in subset["metrics"]
+    assert "unscored_classes" not in full and subset["unscored_classes"] == FashionScenes(
+        "val", num_images=1).label_space.names[10:]  # the textures (stuff), which the instance JSON lacks
     for key in ("AP", "AP50", "AP75"):
         assert subset["metrics"][key] == pytest.approx(full["metrics"][key], abs=1e-9, nan_ok=True), key
     assert subset["details"]["instance"] == full["details"]["instance"]

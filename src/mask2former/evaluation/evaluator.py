@@ -179,7 +179,9 @@ def _write_metrics(result: dict[str, Any], out: str | None) -> None:
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps({"metrics": result["metrics"], "details": _jsonable(result["details"]),
-                                         "num_images": result["num_images"], "seconds": result["seconds"]}, indent=1))
+                                         "num_images": result["num_images"], "seconds": result["seconds"],
+                                         **({"unscored_classes": result["unscored_classes"]}
+                                            if "unscored_classes" in result else {})}, indent=1))
 
 
 def _jsonable(value: Any) -> Any:
