@@ -159,14 +159,15 @@ class RestrictedUnpickler(pickle.Unpickler):
 
 
 def load_pickle(path: str | Path) -> Any:
-    """The first object of the pickle file ``path``, refusing any global outside ``ALLOWED_GLOBALS``."""
+    """The first object of the pickle file ``path``, refusing any global outside ``ALLOWED_GLOBALS`` and the checked
+    tensor rebuilds."""
     with open(path, "rb") as file:
         return _load_restricted(file, str(path))
 
 
 def load_untrusted(path: str | Path) -> Any:
-    """Load a checkpoint file of unknown origin: a plain pickle (detectron2 ``.pkl``) through
-    ``RestrictedUnpickler``, a torch file (``.pth``: zip or legacy format) through ``torch.load(weights_only=True)``."""
+    """Load a checkpoint file of unknown origin: a plain pickle (detectron2 ``.pkl``, numpy arrays or torch tensors)
+    through ``RestrictedUnpickler``, a torch file (``.pth``: zip or legacy format) through ``torch.load(weights_only=True)``."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
