@@ -127,8 +127,13 @@ def swin(tmp_path_factory):
     state = _official_swin_state(TINY_SWIN["embed_dim"], TINY_SWIN["depths"], TINY_SWIN["num_heads"],
                                  TINY_SWIN["window_size"], num_classes=10)
     torch.save({"model": state}, folder / "swin_tiny_patch4_window7_224.pth")
-    # As Mask2Former's tools/convert-pretrained-swin-model-to-d2.py writes it.
-    with open(folder / "swin_tiny_patch4_window7_224.pkl", "wb") as file:
+    # Mask2Former's tools/convert-pretrained-swin-model-to-d2.py, line for line: torch tensors in a plain pickle.
+    obj = torch.load(folder / "swin_tiny_patch4_window7_224.pth", map_location="cpu")["model"]
+    res = {"model": obj, "__author__": "third_party", "matching_heuristics": True}
+    with open(folder / "swin_tiny_patch4_window7_224.pkl", "wb") as f:
+        pickle.dump(res, f)
+    # The same names as numpy arrays (a converter run that called .numpy(), as detectron2's own converters do).
+    with open(folder / "swin_numpy.pkl", "wb") as file:
         pickle.dump({"model": {key: value.numpy() for key, value in state.items()}, "__author__": "third_party",
                      "matching_heuristics": True}, file)
     peer = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, num_classes=10, **TINY_SWIN).eval()
@@ -158,7 +163,7 @@ def test_timm_resnet50_uses_torchvision_names():
 
 
 @pytest.mark.parametrize("file", ["swin_tiny_patch4_window7_224.pth", "swin_tiny_patch4_window7_224.pkl",
-                                  "timm.safetensors"])
+                                  "swin_numpy.pkl", "timm.safetensors"])
 def test_swin_layouts_reproduce_timm_features(swin, file):
     peer, folder = swin
     # adaptive_window: a 7x7 last stage is one unshifted window, as in the classification Swin that timm implements.
@@ -177,6 +182,35 @@ def test_swin_layouts_reproduce_timm_features(swin, file):
         # timm returns the stage outputs before any norm; ours pass fresh LayerNorms (weight 1, bias 0).
         expected = F.layer_norm(stage.permute(0, 2, 3, 1), (stage.shape[1],)).permute(0, 3, 1, 2)
         torch.testing.assert_close(a, expected, rtol=1e-4, atol=1e-4, msg=f"stage {level}")
+
+
+def test_the_converted_swin_pkl_loads_into_the_preset_as_the_pth_does(swin, tmp_path, monkeypatch):
+    """The Swin preset names ``swin_tiny_patch4_window7_224.pth``; a user who has only the converter's ``.pkl``
+    gets the same backbone, tensor for tensor, and the same features."""
+    _, folder = swin
+    monkeypatch.delenv(WEIGHTS_DIR_ENV, raising=False)
+    config = load_config("coco_panoptic_swin_tiny", ["model.enc_layers=1", "model.dec_layers=1"]).model
+    config.backbone.kwargs = {**TINY_SWIN, "num_heads": [1, 2, 4, 8]}
+    assert config.backbone.weights == "swin_tiny_patch4_window7_224.pth" and config.backbone.pretrained
+    backbones = {}
+    for suffix in (".pth", ".pkl"):
+        where = tmp_path / suffix[1:]
+        where.mkdir()
+        name = "swin_tiny_patch4_window7_224" + suffix
+        (where / name).write_bytes((folder / name).read_bytes())
+        monkeypatch.chdir(where)
+        torch.manual_seed(0)
+        backbones[suffix] = Mask2Former(config).backbone.eval()
+        assert f"from {where / name} (Swin" in backbones[suffix].weights_report
+    assert "pickle, __author__ 'third_party'" in backbones[".pkl"].weights_report
+    from_pth, from_pkl = backbones[".pth"].state_dict(), backbones[".pkl"].state_dict()
+    assert from_pth.keys() == from_pkl.keys()
+    for key, value in from_pth.items():
+        assert torch.equal(value, from_pkl[key]), key
+    images = torch.randn(1, 3, 96, 128)
+    with torch.no_grad():
+        for a, b in zip(backbones[".pth"](images), backbones[".pkl"](images), strict=True):
+            assert torch.equal(a, b)
 
 
 # ------------------------------------------------------------------------------------------------- refusals

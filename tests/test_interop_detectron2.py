@@ -258,6 +258,36 @@ def test_pth_and_legacy_key_spellings(swin, tmp_path):
     assert_same_outputs(swin, Mask2Former.from_pretrained(old, config=preset), images)
 
 
+def test_torch_tensor_pickle_and_detection_checkpointer_pth(swin, tmp_path):
+    """detectron2 checkpoints holding torch tensors: a plain ``.pkl`` of them (as pickle.dump of a state dict
+    writes it) and the ``model_final.pth`` that DetectionCheckpointer saves (``torch.save`` of the model, optimizer,
+    scheduler and iteration) give the same model as the numpy ``.pkl``."""
+    state = to_detectron2_state_dict(swin)
+    preset = write_preset(tmp_path / "tiny_swin.yaml", swin.config)
+    images = torch.randn(1, 3, 64, 64)
+    tensors = {key: torch.from_numpy(value) for key, value in state.items()}
+    assert_same_outputs(swin, Mask2Former.from_pretrained(write_pkl(tmp_path / "tensors.pkl", tensors), config=preset),
+                        images)
+
+    parameter = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.AdamW([parameter], lr=1e-4, weight_decay=0.05)
+    parameter.grad = torch.ones(3)
+    optimizer.step()
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=10)
+    document = {"model": tensors, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "iteration": 89999}
+    path = tmp_path / "model_final.pth"
+    torch.save(document, path)
+    assert_same_outputs(swin, Mask2Former.from_pretrained(path, config=preset), images)
+
+    # torch.load(weights_only=True) refuses an object it does not know, with one line naming the file and the global.
+    torch.save({**document, "scheduler": scheduler}, path)
+    with pytest.raises(UnsafeCheckpointError, match=r"model_final\.pth: torch\.load\(weights_only=True\) refused the "
+                                                   r"file \(.*StepLR") as error:
+        Mask2Former.from_pretrained(path, config=preset)
+    assert "\n" not in str(error.value)
+
+
 def test_save_detectron2_checkpoint_writes_a_detectron2_pickle(swin, tmp_path):
     path = tmp_path / "exported.pkl"
     save_detectron2_checkpoint(swin, path)

@@ -154,6 +154,30 @@ class LabelSpace:
                 table[value] = index
         return table
 
+    def class_map_to(self, data: "LabelSpace", where: str = "") -> np.ndarray:
+        """Where each of this (a model's) label space's classes sits in ``data``, a data set's label space with a
+        subset of its classes: int64 ``[self.num_classes]``, the data set's contiguous id or -1 for a class the
+        data set does not have. Classes match by dataset id and name, as detectron2 maps a panoptic model's
+        classes onto COCO's instance JSON (``thing_dataset_id_to_contiguous_id``): COCO's 80 instance categories
+        are the 133 panoptic ones' things with the same ids. Colours and ``ignore_index`` need not agree. A data
+        set class the model does not have, or has with another thing/stuff flag, is a ValueError naming them."""
+        prefix = f"{where}: " if where else ""
+        own = {(dataset_id, name): index for index, (dataset_id, name) in enumerate(zip(self.dataset_ids, self.names))}
+        unknown = [f"{name!r} (id {dataset_id})" for dataset_id, name in zip(data.dataset_ids, data.names)
+                   if (dataset_id, name) not in own]
+        if unknown:
+            raise ValueError(f"{prefix}the data set has {len(unknown)} class(es) the model does not know (matched by "
+                             f"id and name): {', '.join(unknown[:8])}{' ...' if len(unknown) > 8 else ''}")
+        flipped = [repr(name) for dataset_id, name, thing in zip(data.dataset_ids, data.names, data.is_thing)
+                   if self.is_thing[own[(dataset_id, name)]] != thing]
+        if flipped:
+            raise ValueError(f"{prefix}class(es) {', '.join(flipped[:8])} are things in one of the model and the data "
+                             f"set and stuff in the other")
+        class_map = np.full(self.num_classes, -1, dtype=np.int64)
+        for index, (dataset_id, name) in enumerate(zip(data.dataset_ids, data.names)):
+            class_map[own[(dataset_id, name)]] = index
+        return class_map
+
     def is_thing_tensor(self) -> torch.Tensor:
         return torch.tensor(self.is_thing, dtype=torch.bool)
 

@@ -12,6 +12,7 @@ import torch
 from ..config import TASKS, Config
 from ..data.label_space import LabelSpace
 from .instance import InstanceEvaluator
+from .label_subset import LabelSubset
 from .panoptic import PanopticEvaluator
 from .results_files import ResultsWriter, SavedPredictions, file_stem
 from .semantic import SemanticEvaluator
@@ -22,18 +23,22 @@ def evaluate_model(
     min_size: int | None = None, max_size: int | None = None, precision: str = "fp32",
     object_mask_threshold: float = 0.8, overlap_threshold: float = 0.8, top_k: int = 100,
     save_predictions: str | Path | None = None, semantic_postprocess_before_inference: bool | None = None,
+    label_subset: LabelSubset | None = None,
 ) -> dict[str, Any]:
     """``dataset`` yields sample dicts (``data.contracts.Sample``) at their original size. Returns
     ``{"metrics": flat dict, "details": per-task results, "table": printable text, "seconds": ...}``.
     ``save_predictions``: a folder for the standard results files of every evaluated task (see ``results_files``).
-    ``semantic_postprocess_before_inference``: see ``Predictor`` (None = the model's)."""
+    ``semantic_postprocess_before_inference``: see ``Predictor`` (None = the model's).
+    ``label_subset``: the model predicts in ``label_subset.model`` and its results are restated in ``label_space``
+    (= ``label_subset.data``), a subset of its classes (see ``label_subset.py``)."""
     from ..inference.predictor import Predictor
 
     _check_tasks(tasks)
     was_training = model.training
     predictor = Predictor(
         model, task=tasks[0], device=device, min_size=min_size, max_size=max_size, batch_size=batch_size,
-        precision=precision, label_space=label_space, object_mask_threshold=object_mask_threshold,
+        precision=precision, label_space=label_subset.model if label_subset else label_space,
+        object_mask_threshold=object_mask_threshold,
         overlap_threshold=overlap_threshold, top_k=top_k,
         semantic_postprocess_before_inference=semantic_postprocess_before_inference,
     )
@@ -47,6 +52,7 @@ def evaluate_model(
         if len(batch) == batch_size or position == len(indices) - 1:
             results = predictor.predict_tasks([sample["image"] for sample in batch], tuple(evaluators))
             for sample, result in zip(batch, results):
+                result = label_subset(result) if label_subset else result
                 _update(evaluators, sample, result, label_space)
                 if writer is not None:
                     writer.add(sample["image_id"], file_stem(sample["image_id"], sample.get("file_name")), result)
@@ -110,12 +116,23 @@ def evaluate_checkpoint(checkpoint: str, config: Config, tasks: Sequence[str] = 
 
     model = Mask2Former.from_pretrained(checkpoint)
     dataset, label_space = build_dataset(config, split=config.data.val_split, train=False)
-    if model.labels is not None and LabelSpace.from_dict(model.labels) != label_space:
-        raise ValueError(f"checkpoint {checkpoint} was trained on other classes than the data set {config.data.dataset}")
-    if model.num_classes != label_space.num_classes:
+    subset = None
+    if model.labels is not None:
+        # The data set may have a subset of the model's classes (a panoptic model on its instance JSON).
+        subset = LabelSubset(LabelSpace.from_dict(model.labels), label_space,
+                             f"checkpoint {checkpoint} on data set {config.data.dataset}")
+        subset = None if subset.is_identity else subset
+    elif model.num_classes != label_space.num_classes:
         raise ValueError(f"checkpoint {checkpoint} predicts {model.num_classes} classes, the data set has {label_space.num_classes}")
     result = evaluate_model(model, dataset, label_space, tasks, device=device, precision=precision,
-                            save_predictions=save_predictions, **config.test.predictor_options())
+                            save_predictions=save_predictions, label_subset=subset, **config.test.predictor_options())
+    if subset is not None:
+        unscored = subset.unscored_names
+        result["unscored_classes"] = unscored
+        result["table"] = (f"scored on the data set's {label_space.num_classes} of the model's "
+                           f"{subset.model.num_classes} classes; predictions of the other {len(unscored)} "
+                           f"({', '.join(unscored[:6])}{', ...' if len(unscored) > 6 else ''}) are not scored as any "
+                           f"class\n\n" + result["table"])
     _write_metrics(result, out)
     return result
 
@@ -162,7 +179,9 @@ def _write_metrics(result: dict[str, Any], out: str | None) -> None:
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps({"metrics": result["metrics"], "details": _jsonable(result["details"]),
-                                         "num_images": result["num_images"], "seconds": result["seconds"]}, indent=1))
+                                         "num_images": result["num_images"], "seconds": result["seconds"],
+                                         **({"unscored_classes": result["unscored_classes"]}
+                                            if "unscored_classes" in result else {})}, indent=1))
 
 
 def _jsonable(value: Any) -> Any:

@@ -9,7 +9,8 @@ A predictions folder ``DIR`` holds, per task:
 - instance: ``DIR/instances.json``, the COCO results list ``[{"image_id", "category_id", "segmentation" (RLE,
   counts as text), "score", "bbox" ([x, y, w, h] of the mask)}]``, what ``pycocotools.COCO.loadRes`` reads;
 - semantic: ``DIR/semantic/<stem>.png``, a label map in the data set's own label values (what its ground truth
-  PNGs store: ``LabelSpace.dataset_ids``).
+  PNGs store: ``LabelSpace.dataset_ids``); ``ignore_index`` where the prediction is none of the data set's classes
+  (a model class the data set lacks, ``label_subset.py``), which scores as a miss.
 
 Category ids are the data set's ids (``LabelSpace.to_dataset``), image ids are the data set's image ids, and
 ``<stem>`` is the image file's stem. Reading validates everything against the ground truth: a missing PNG, an
@@ -70,7 +71,8 @@ class ResultsWriter:
         unknown = sorted(set(self.tasks) - set(RESULT_FILES))
         if unknown:
             raise ValueError(f"results files: unknown task {unknown[0]!r}")
-        self._dataset_ids = np.asarray(label_space.dataset_ids, dtype=np.int64)
+        # Contiguous id -> label value; the extra last entry is -1 ("no class of the data set") -> ignore_index.
+        self._dataset_ids = np.asarray([*label_space.dataset_ids, label_space.ignore_index], dtype=np.int64)
         self._panoptic: list[dict[str, Any]] = []
         self._instances: list[dict[str, Any]] = []
         self._stems: set[str] = set()
@@ -112,7 +114,7 @@ class ResultsWriter:
                     "score": score, "bbox": [float(v) for v in mask_utils.toBbox(rle)],
                 })
         if "semantic" in self.tasks:
-            values = self._dataset_ids[torch.as_tensor(result["semantic"]).cpu().numpy().astype(np.int64)]
+            values = self._dataset_ids[torch.as_tensor(result["semantic"]).cpu().numpy().astype(np.int64)]  # -1: last
             dtype = np.uint8 if values.max(initial=0) < 256 else np.uint16
             Image.fromarray(values.astype(dtype)).save(self.out_dir / "semantic" / f"{stem}.png", compress_level=PNG_LEVEL)
         added: dict[str, Any] = {}
@@ -254,8 +256,9 @@ class SavedPredictions:
             raw = raw.astype(np.int64)
             table = self.label_space.lookup_table(max(int(raw.max(initial=0)), max(self.label_space.dataset_ids)) + 1)
             semantic = table[raw]
-            if (semantic < 0).any():
-                bad = sorted(set(raw[semantic < 0].tolist()))
+            unknown = (semantic < 0) & (raw != self.label_space.ignore_index)  # ignore_index: no class, a miss
+            if unknown.any():
+                bad = sorted(set(raw[unknown].tolist()))
                 raise ValueError(f"semantic prediction {path}: unknown category id(s) {bad[:10]} (image id "
                                  f"{image_id!r})")
             out["semantic"] = torch.from_numpy(semantic)

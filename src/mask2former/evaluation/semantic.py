@@ -3,6 +3,8 @@
 ``IoU_c = TP_c / (GT_c + Pred_c - TP_c)`` over non-ignored pixels. A class that appears neither in the
 ground truth nor in the predictions has an undefined IoU (NaN) and is left out of mIoU; mean accuracy
 averages over classes present in the ground truth (the detectron2 ``SemSegEvaluator`` / mmseg rules).
+A predicted -1 means "none of these classes" (a model class the data set lacks, ``label_subset.py``): the pixel
+is a miss of its ground-truth class and a prediction of no class (as mmseg counts out-of-range predictions).
 Results are fractions in [0, 1] (undefined values are NaN, which ``json.dumps`` writes as ``NaN``);
 ``format_table`` prints percentages.
 """
@@ -58,30 +60,48 @@ class SemanticEvaluator:
 
     def reset(self) -> None:
         self.matrix = torch.zeros((self.num_classes, self.num_classes), dtype=torch.int64)
+        self.missed = torch.zeros(self.num_classes, dtype=torch.int64)  # per ground-truth class: predicted -1
         self.num_images = 0
 
     def update(self, pred: Tensor, target: Tensor) -> None:
-        """Add one image ([H, W]) or a batch ([B, H, W]) of predicted class ids against the target."""
+        """Add one image ([H, W]) or a batch ([B, H, W]) of predicted class ids (or -1, no class) against the
+        target."""
+        images = 1 if pred.dim() <= 2 else pred.shape[0]
+        unscored = pred < 0
+        if unscored.any():
+            if pred.shape != target.shape:
+                raise ValueError(f"prediction shape {tuple(pred.shape)} != target shape {tuple(target.shape)}")
+            if (pred < -1).any():
+                raise ValueError(f"prediction contains class id {int(pred.min())} outside [0, {self.num_classes})")
+            target = target.to(pred.device)
+            missed = target[unscored & (target != self.ignore_index)].long()
+            if missed.numel() and (int(missed.min()) < 0 or int(missed.max()) >= self.num_classes):
+                raise ValueError(f"target contains a class id outside [0, {self.num_classes}) and != ignore "
+                                 f"{self.ignore_index}")
+            self.missed += torch.bincount(missed, minlength=self.num_classes).cpu()
+            pred, target = pred[~unscored], target[~unscored]
         self.matrix += confusion_matrix(pred, target, self.num_classes, self.ignore_index)
-        self.num_images += 1 if pred.dim() <= 2 else pred.shape[0]
+        self.num_images += images
 
     def merge(self, other: "SemanticEvaluator") -> None:
         """Add another evaluator's counts (e.g. gathered from another process)."""
         if other.num_classes != self.num_classes:
             raise ValueError(f"cannot merge evaluators with {other.num_classes} and {self.num_classes} classes")
         self.matrix += other.matrix
+        self.missed += other.missed
         self.num_images += other.num_images
 
     def compute(self) -> dict[str, Any]:
         matrix = self.matrix.double().numpy()
         true_positive = np.diag(matrix)
-        gt_pixels = matrix.sum(1)
+        missed = self.missed.double().numpy()
+        gt_pixels = matrix.sum(1) + missed
         pred_pixels = matrix.sum(0)
         union = gt_pixels + pred_pixels - true_positive
         with np.errstate(divide="ignore", invalid="ignore"):
             iou = np.where(union > 0, true_positive / union, np.nan)
             accuracy = np.where(gt_pixels > 0, true_positive / gt_pixels, np.nan)
-        total = matrix.sum()
+        total = matrix.sum() + missed.sum()
         frequency = gt_pixels / total if total > 0 else np.zeros_like(gt_pixels)
         valid_iou = ~np.isnan(iou)
         return {

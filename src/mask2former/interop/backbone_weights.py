@@ -10,7 +10,8 @@ Layouts read (files never run code: ``safetensors``, ``torch.load(weights_only=T
   the 3x3 convolution, as timm's ResNet). The MSRA/Caffe2 ``R-50.pkl`` (same file name, BGR input, pixel std 1,
   stride in the 1x1 convolution) is refused: its stride placement is another network.
 - Swin, official names (``swin_*.pth`` from the Swin release: ``{"model": state dict}``), Mask2Former's converted
-  ``.pkl`` (the same names as numpy arrays, ``tools/convert-pretrained-swin-model-to-d2.py``) and timm's layout
+  ``.pkl`` (``tools/convert-pretrained-swin-model-to-d2.py``: the same names, the release's torch tensors
+  ``pickle.dump``-ed as they are; numpy arrays load too) and timm's layout
   (patch merging at the start of stages 1-3, ``head.fc``). Our Swin keeps the official names, so the mapping is the
   identity. Dropped from the file: the classifier (``head``, the final ``norm``), the derived
   ``relative_position_index`` (checked) and ``attn_mask`` buffers. Not in the file: the per-stage output norms
