@@ -9,9 +9,9 @@ Conventions:
 - A line is ``cls x1 y1 x2 y2 ...``: at least 3 points, coordinates normalised to [0, 1] with a tolerance of 1e-6
   for float rounding (Ultralytics rejects anything outside; so do we: an error naming file and line). Blank lines
   are skipped; anything else wrong is an error naming the file and the line.
-- A normalised coordinate ``u`` is on the pixel ``rint(u * size - 0.5)`` (0 and 1 are the image's outer edges, pixel
-  centres sit at half-integers; this is Ultralytics' ``int(u * size)`` of ``polygon2mask`` but for exact
-  integers), and the polygon is rasterised as labelme does (:func:`~mask2former.data.polygons.rasterize`).
+- A normalised coordinate ``u`` falls on the pixel ``floor(u * size)`` (0 and 1 are the image's outer edges; this is
+  Ultralytics' ``int(u * size)`` in ``polygon2mask``), and the polygon through those pixels is rasterised as labelme
+  does (:func:`~mask2former.data.polygons.rasterize`). The exporter writes pixel centres, ``(x + 0.5) / size``.
 - Each line is one object; masks may overlap, ``semantic`` paints them in line order (later wins) and pixels no
   polygon covers are ignored, as for COCO instance files.
 """
@@ -182,7 +182,7 @@ class YoloDataset(Dataset):
         masks = np.zeros((len(objects), height, width), dtype=bool)
         semantic = np.full((height, width), self.label_space.ignore_index, dtype=np.int64)
         for position, (label, points) in enumerate(objects):
-            masks[position] = rasterize([("polygon", np.rint(points * scale - 0.5))], height, width)
+            masks[position] = rasterize([("polygon", np.floor(points * scale))], height, width)
             semantic[masks[position]] = label
         labels = [label for label, _ in objects]
         sample = make_sample(image, labels, masks, [False] * len(objects), semantic, image_path.stem,
