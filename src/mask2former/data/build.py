@@ -118,7 +118,8 @@ def build_dataset(config: Config, split: str, train: bool) -> tuple[Any, Any]:
     elif data.dataset == "voc":
         from .formats import VocDataset
 
-        dataset = VocDataset(root, split=split, label_space=data.extra.get("labels"), transforms=transforms)
+        dataset = VocDataset(root, split=split, label_space=data.extra.get("labels"), transforms=transforms,
+                             all_without_list=split == data.train_split)  # no lists: everything is training data
     else:
         from .formats import FolderDataset
 

@@ -125,6 +125,10 @@ class CocoInstanceDataset(Dataset):
             warnings.warn(f"{self.annotation_file}: dropped {len(self.dropped_annotation_ids)} annotation(s) with no "
                           f"valid polygon (ids {self.dropped_annotation_ids[:10]}), as detectron2 does", stacklevel=2)
 
+    def sample_keys(self) -> list[str]:
+        """A stable name per sample (for ``data.val_fraction``): the image file names."""
+        return [str(image["file_name"]) for image in self.images]
+
     def __len__(self) -> int:
         return len(self.images)
 

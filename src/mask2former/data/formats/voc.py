@@ -91,7 +91,7 @@ class VocDataset(Dataset):
         list_path = self.root / "ImageSets" / "Segmentation" / f"{split}.txt"
         if list_path.is_file():
             self.ids = [line.split()[0] for line in list_path.read_text().splitlines() if line.strip()]
-        elif all_without_list and not (self.root / "ImageSets" / "Segmentation").is_dir():
+        elif all_without_list and not any((self.root / "ImageSets" / "Segmentation").glob("*.txt")):
             self.ids = sorted(path.stem for path in self.class_dir.glob("*.png"))
         else:
             raise FileNotFoundError(f"voc: split list not found: {list_path}; data.val_fraction holds out a "
