@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 from typing import Any
@@ -149,7 +150,11 @@ def build_datasets(config: Config) -> tuple[Any, Any, Any]:
     if config.data.val_fraction > 0:
         from .holdout import hold_out
 
-        unaugmented, _ = build_dataset(config, config.data.train_split, train=False)
+        if hasattr(train, "transforms"):  # the same files without the training transforms (no second parse)
+            unaugmented = copy.copy(train)
+            unaugmented.transforms = None
+        else:
+            unaugmented, _ = build_dataset(config, config.data.train_split, train=False)
         train, val = hold_out(train, unaugmented, config.data.val_fraction, config.data.seed,
                               where=f"({config.data.dataset} {config.data.train_split})")
         return train, val, label_space

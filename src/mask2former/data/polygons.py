@@ -46,39 +46,38 @@ def rasterize(shapes: Sequence[tuple[str, np.ndarray]], height: int, width: int)
 
 def _trace(mask: np.ndarray, start: tuple[int, int]) -> list[tuple[int, int]]:
     """Boundary pixels (row, col) of the component holding ``start`` (its first pixel in raster order), clockwise."""
-    height, width = mask.shape
-
-    def inside(row: int, col: int) -> bool:
-        return 0 <= row < height and 0 <= col < width and bool(mask[row, col])
-
-    point = start
+    # A zero border makes every neighbour look-up valid; flat indices keep the loop to list/array reads.
+    padded = np.pad(mask, 1)
+    stride = padded.shape[1]
+    flat = padded.ravel().tolist()
+    offsets = [dy * stride + dx for dy, dx in _NEIGHBOURS]
+    # Seen from the next pixel (in direction d), the background neighbour before d is at direction back[d].
+    back = [_NEIGHBOURS.index((_NEIGHBOURS[(d - 1) % 8][0] - _NEIGHBOURS[d][0],
+                               _NEIGHBOURS[(d - 1) % 8][1] - _NEIGHBOURS[d][1])) for d in range(8)]
+    point = (start[0] + 1) * stride + start[1] + 1
     came_from = 0  # the west neighbour of the first pixel in raster order is background
     boundary = [point]
     seen_states = set()
     while True:
-        found = None
+        found = -1
         for step in range(1, 9):
-            direction = (came_from + step) % 8
-            dy, dx = _NEIGHBOURS[direction]
-            if inside(point[0] + dy, point[1] + dx):
+            direction = (came_from + step) & 7
+            if flat[point + offsets[direction]]:
                 found = direction
                 break
-        if found is None:  # an isolated pixel
-            return boundary
-        state = (point, found)
-        if state in seen_states:  # entering the same pixel the same way again: the loop is closed
+        if found < 0:  # an isolated pixel
+            break
+        state = point * 8 + found
+        if state in seen_states:  # leaving the same pixel the same way again: the loop is closed
+            boundary.pop()
             break
         seen_states.add(state)
-        previous = (found - 1) % 8  # the background neighbour just before `found`, seen from the next pixel
-        dy, dx = _NEIGHBOURS[found]
-        nxt = (point[0] + dy, point[1] + dx)
-        py, px = _NEIGHBOURS[previous]
-        background = (point[0] + py, point[1] + px)
-        came_from = _NEIGHBOURS.index((background[0] - nxt[0], background[1] - nxt[1])) \
-            if (background[0] - nxt[0], background[1] - nxt[1]) in _NEIGHBOURS else (found + 4) % 8
-        point = nxt
+        point += offsets[found]
+        came_from = back[found]
         boundary.append(point)
-    return boundary[:-1] if len(boundary) > 1 and boundary[-1] == boundary[0] else boundary
+    if len(boundary) > 1 and boundary[-1] == boundary[0]:
+        boundary.pop()
+    return [(index // stride - 1, index % stride - 1) for index in boundary]
 
 
 def _corners(points: list[tuple[int, int]]) -> list[tuple[int, int]]:

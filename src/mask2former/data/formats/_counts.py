@@ -27,10 +27,12 @@ class AnnotationCounts:
                 for name in names}
 
     def log(self, where: str) -> None:
-        for name, counts in self.summary().items():
-            skipped = counts["skipped"]
-            reasons = ", ".join(f"{count} {reason}" for reason, count in skipped.items())  # type: ignore[union-attr]
-            total = sum(skipped.values())  # type: ignore[union-attr]
-            line = f"{where}: class {name!r}: {counts['read']} annotation(s) read, {total} skipped"
-            # Skips are warnings so that they show even where only warnings are printed.
-            (logger.warning if total else logger.info)(line + (f" ({reasons})" if reasons else ""))
+        """One INFO line with the annotations read per class; one WARNING line per class with skipped ones."""
+        summary = self.summary()
+        read = ", ".join(f"{name} {counts['read']}" for name, counts in summary.items())
+        logger.info(f"{where}: {sum(self.read_counts.values())} annotation(s) read ({read or 'none'})")
+        for name, counts in summary.items():
+            skipped: dict[str, int] = counts["skipped"]  # type: ignore[assignment]
+            if skipped:
+                reasons = ", ".join(f"{count} {reason}" for reason, count in skipped.items())
+                logger.warning(f"{where}: class {name!r}: {sum(skipped.values())} annotation(s) skipped ({reasons})")
