@@ -140,3 +140,16 @@ def test_single_folder_val_fraction_is_deterministic_and_logged(tmp_path, caplog
     config.data.val_fraction = 0.0
     with pytest.raises(FileNotFoundError, match="val_fraction"):
         build_datasets(config)
+
+
+def test_mask_shape_is_placed_at_its_box(tmp_path):
+    # labelme >= 5.3 writes a "mask" shape as its box corners and a PNG of the box (rows ymin..ymax, cols xmin..xmax).
+    patch = np.array([[1, 0, 1], [1, 1, 0]], dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(patch * 255).save(buffer, format="PNG")
+    write_image(tmp_path / "a.png")
+    write_json(tmp_path / "a.json", [shape("cat", [[4, 2], [6, 3]], kind="mask",
+                                           mask=base64.b64encode(buffer.getvalue()).decode("ascii"))])
+    expected = np.zeros((HEIGHT, WIDTH), dtype=bool)
+    expected[2:4, 4:7] = patch.astype(bool)
+    assert np.array_equal(LabelmeDataset(tmp_path)[0]["masks"][0].numpy(), expected)
