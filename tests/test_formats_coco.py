@@ -182,11 +182,15 @@ def test_roboflow_layout_with_valid_split(tmp_path):
     for split in ("train", "valid"):
         folder = tmp_path / split
         folder.mkdir()
-        path, image_dir = write_fixture(folder)
+        # Roboflow lists the project as category 0, the parent of the classes, used by no annotation.
+        path, image_dir = write_fixture(folder, categories=[
+            {"id": 0, "name": "pets", "supercategory": "none"}, {"id": 5, "name": "dog", "supercategory": "pets"},
+            {"id": 1, "name": "person", "supercategory": "pets"}])
         for image in image_dir.iterdir():  # Roboflow keeps the images beside the JSON
             image.rename(folder / image.name)
         path.rename(folder / "_annotations.coco.json")
     train, val, labels = build_datasets(_layout_config(tmp_path))
+    assert labels.names == ["person", "dog"]
     assert len(train) == len(val) == 2 and val.annotation_file == tmp_path / "valid" / "_annotations.coco.json"
     assert train[0]["labels"].tolist() == [1, 0, 0]
 

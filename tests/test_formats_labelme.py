@@ -153,3 +153,9 @@ def test_mask_shape_is_placed_at_its_box(tmp_path):
     expected = np.zeros((HEIGHT, WIDTH), dtype=bool)
     expected[2:4, 4:7] = patch.astype(bool)
     assert np.array_equal(LabelmeDataset(tmp_path)[0]["masks"][0].numpy(), expected)
+
+
+def test_image_path_from_another_machine_falls_back_to_the_name_beside_the_json(tmp_path):
+    pixels = write_image(tmp_path / "a.png")
+    write_json(tmp_path / "a.json", [shape("cat", [[0, 0], [2, 0], [2, 2]])], image_path="C:\\Users\\me\\data\\a.png")
+    assert np.array_equal(LabelmeDataset(tmp_path)[0]["image"].permute(1, 2, 0).numpy(), pixels)

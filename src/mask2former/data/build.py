@@ -79,7 +79,8 @@ def build_dataset(config: Config, split: str, train: bool) -> tuple[Any, Any]:
             images = images or found_images
         elif images is None:
             images = root / split
-        dataset = CocoInstanceDataset(annotations, images, transforms=transforms)
+        dataset = CocoInstanceDataset(annotations, images, transforms=transforms,
+                                      drop_parent_categories=Path(annotations).name == "_annotations.coco.json")
     elif data.dataset == "coco_panoptic":
         from .formats import CocoPanopticDataset
 

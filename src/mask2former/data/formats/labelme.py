@@ -196,7 +196,12 @@ class LabelmeDataset(Dataset):
             return _decode_image_data(record["imageData"], str(path)), str(path)
         image_path = path.parent / record["imagePath"].replace("\\", "/")  # labelme on Windows writes backslashes
         if not image_path.is_file():
-            raise FileNotFoundError(f"{path}: image file not found: {image_path} (imagePath {record['imagePath']!r})")
+            # Files moved from another machine keep its paths: the same name beside the JSON is the image.
+            beside = path.parent / Path(record["imagePath"].replace("\\", "/")).name
+            if not beside.is_file():
+                raise FileNotFoundError(f"{path}: image file not found: {image_path} (imagePath "
+                                        f"{record['imagePath']!r}; nor {beside.name} beside the JSON)")
+            image_path = beside
         return read_image(image_path), str(image_path)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
