@@ -88,7 +88,7 @@ def export_samples(samples: Iterable[dict[str, Any]], label_space: LabelSpace, o
     panoptic_dir = out_dir / f"panoptic_{split}"
     label_dir = out_dir / "labels" / split
     next_annotation_id = 1  # pycocotools treats annotation id 0 as "unmatched"
-    lost: Counter[str] = Counter()  # what the YOLO format cannot hold
+    lost: Counter[str] = Counter()  # what the polygon formats cannot hold
 
     for sample in samples:
         image = sample["image"]
@@ -135,7 +135,7 @@ def export_samples(samples: Iterable[dict[str, Any]], label_space: LabelSpace, o
             label_dir.mkdir(parents=True, exist_ok=True)
             Image.fromarray(semantic.astype(dtype)).save(label_dir / f"{stem}.png")
         if format == "labelme":
-            shapes = labelme_shapes(labels, masks, iscrowd, label_space)
+            shapes = labelme_shapes(labels, masks, iscrowd, label_space, lost)
             write_labelme(f"{stem}.png", height, width, shapes, image_dir / f"{stem}.json")
         if format == "yolo":
             label_dir.mkdir(parents=True, exist_ok=True)
@@ -163,8 +163,8 @@ def export_samples(samples: Iterable[dict[str, Any]], label_space: LabelSpace, o
         written.update(write_labelme_classes(label_space, out_dir), annotations=image_dir)
     elif format == "yolo":
         written.update(annotations=write_yolo_yaml(label_space, out_dir, split), labels=label_dir)
-        for what, count in lost.items():
-            logger.warning(f"export yolo {out_dir}: {count} {what}")
+    for what, count in lost.items():
+        logger.warning(f"export {format} {out_dir}: {count} {what}")
     return written
 
 

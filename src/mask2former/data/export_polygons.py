@@ -28,14 +28,16 @@ from .polygons import mask_to_polygons, paint_order, rasterize
 LABELME_VERSION = "5.5.0"  # the file layout written (labelme reads older and newer versions of it)
 
 
-def labelme_shapes(labels: np.ndarray, masks: np.ndarray, iscrowd: np.ndarray,
-                   label_space: LabelSpace) -> list[dict[str, Any]]:
-    """The ``shapes`` list of one image, in paint order."""
+def labelme_shapes(labels: np.ndarray, masks: np.ndarray, iscrowd: np.ndarray, label_space: LabelSpace,
+                   lost: Counter[str] | None = None) -> list[dict[str, Any]]:
+    """The ``shapes`` list of one image, in paint order; empty segments (no polygon) are counted in ``lost``."""
     height, width = masks.shape[1:]
     regions: list[dict[str, Any]] = []
     for index, (label, mask, crowd) in enumerate(zip(labels.tolist(), masks, iscrowd.tolist())):
         polygons = mask_to_polygons(mask)
         if not polygons:
+            if lost is not None:
+                lost["empty segments (no pixel to draw)"] += 1
             continue
         regions.append({"label": label_space.names[label], "polygons": polygons, "target": mask,
                         "stuff": not label_space.is_thing[label], "crowd": bool(crowd), "group": index})
@@ -88,6 +90,8 @@ def yolo_lines(labels: np.ndarray, masks: np.ndarray, iscrowd: np.ndarray, label
             lost["stuff segments (YOLO is things only)"] += 1
             continue
         polygons = mask_to_polygons(mask)
+        if not polygons:
+            lost["empty segments (no pixel to draw)"] += 1
         if len(polygons) > 1:
             lost["objects in several parts (one line per part)"] += 1
         if crowd:
