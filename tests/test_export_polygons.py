@@ -115,3 +115,12 @@ def test_fashion_scenes_round_trip(tmp_path, format):
             assert np.array_equal(back["semantic"].numpy(), expected)
     assert labels.names == dataset.label_space.names
     assert labels.is_thing == (dataset.label_space.is_thing if format == "labelme" else [True] * len(labels.names))
+
+
+@pytest.mark.parametrize("format, files", [("labelme", ["labels.txt", "classes.yaml", "val/000000000000.json"]),
+                                           ("yolo", ["data.yaml", "labels/val/000000000000.txt"])])
+def test_cli_data_export_writes_the_polygon_formats(tmp_path, format, files):
+    from mask2former.cli import main
+
+    assert main(["data", "export", "fashion-scenes", str(tmp_path), "--format", format, "--num-images", "1"]) == 0
+    assert all((tmp_path / name).is_file() for name in files)
