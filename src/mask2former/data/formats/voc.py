@@ -96,7 +96,7 @@ class VocDataset(Dataset):
         else:
             raise FileNotFoundError(f"voc: split list not found: {list_path}; data.val_fraction holds out a "
                                     f"validation split from the training one")
-        self.images = [self._image_path(image_id, list_path) for image_id in self.ids]
+        self.image_paths = [self._image_path(image_id, list_path) for image_id in self.ids]
         logger.info(f"{self.root} {split}: {len(self.ids)} image(s), {self.label_space.num_classes} classes"
                     f"{'' if self.object_dir else ' (no SegmentationObject: one segment per class)'}")
 
@@ -127,7 +127,7 @@ class VocDataset(Dataset):
         return len(self.ids)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        image_id, image_path = self.ids[index], self.images[index]
+        image_id, image_path = self.ids[index], self.image_paths[index]
         image = read_image(image_path)
         class_path = self.class_dir / f"{image_id}.png"
         raw = read_label_png(class_path)

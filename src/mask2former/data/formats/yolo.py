@@ -149,13 +149,13 @@ class YoloDataset(Dataset):
                              f" set data.val_fraction to hold out a validation split from train")
         base = Path(data.get("path") or ".")
         base = base if base.is_absolute() else self.data_yaml.parent / base
-        self.images = _images_of(data[split], base, f"{self.data_yaml} {split!r}")
-        if not self.images:
+        self.image_paths = _images_of(data[split], base, f"{self.data_yaml} {split!r}")
+        if not self.image_paths:
             raise FileNotFoundError(f"{self.data_yaml}: the {split!r} split has no images")
         self.objects: list[list[tuple[int, np.ndarray]]] = []
         self.counts = AnnotationCounts()
         without_labels = 0
-        for image_path in self.images:
+        for image_path in self.image_paths:
             label_path = label_path_of(image_path)
             objects = parse_label_file(label_path, self.label_space) if label_path.is_file() else []
             without_labels += not label_path.is_file()
@@ -164,17 +164,17 @@ class YoloDataset(Dataset):
             self.objects.append(objects)
         self.counts.log(f"{self.data_yaml} {split}")
         if without_labels:
-            logger.info(f"{self.data_yaml} {split}: {without_labels} of {len(self.images)} image(s) have no label "
-                        f"file (read as images without objects, as Ultralytics does)")
+            logger.info(f"{self.data_yaml} {split}: {without_labels} of {len(self.image_paths)} image(s) have no "
+                        f"label file (read as images without objects, as Ultralytics does)")
 
     def sample_keys(self) -> list[str]:
-        return [str(path) for path in self.images]
+        return [str(path) for path in self.image_paths]
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.image_paths)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        image_path = self.images[index]
+        image_path = self.image_paths[index]
         image = read_image(image_path)
         height, width = int(image.shape[1]), int(image.shape[2])
         objects = self.objects[index]
