@@ -22,7 +22,8 @@ from mask2former.data.formats import LabelmeDataset, YoloDataset
 
 
 def segments(labels: np.ndarray, masks: np.ndarray, crowd: np.ndarray) -> list[tuple[int, bool, bytes]]:
-    return sorted((int(label), bool(flag), np.packbits(mask).tobytes()) for label, mask, flag in zip(labels, masks, crowd))
+    return sorted((int(label), bool(flag), np.packbits(mask).tobytes())
+                  for label, mask, flag in zip(labels, masks, crowd))
 
 
 def compare(samples, read_back, things_only: np.ndarray | None) -> tuple[float, int]:

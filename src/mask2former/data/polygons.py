@@ -115,7 +115,8 @@ def mask_to_polygons(mask: np.ndarray) -> list[np.ndarray]:
     return polygons
 
 
-def paint_order(painted: Sequence[np.ndarray], targets: Sequence[np.ndarray], prefer_first: Sequence[bool]) -> list[int]:
+def paint_order(painted: Sequence[np.ndarray], targets: Sequence[np.ndarray],
+                prefer_first: Sequence[bool]) -> list[int]:
     """An order to paint regions in so that later ones repaint what earlier ones spill over: region A goes before
     B when A's painting covers pixels of B's target. Among regions free to go, ``prefer_first`` ones (stuff) go
     first, then by index; a cycle is broken the same way (that overlap stays lossy)."""
