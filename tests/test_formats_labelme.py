@@ -159,3 +159,16 @@ def test_image_path_from_another_machine_falls_back_to_the_name_beside_the_json(
     pixels = write_image(tmp_path / "a.png")
     write_json(tmp_path / "a.json", [shape("cat", [[0, 0], [2, 0], [2, 2]])], image_path="C:\\Users\\me\\data\\a.png")
     assert np.array_equal(LabelmeDataset(tmp_path)[0]["image"].permute(1, 2, 0).numpy(), pixels)
+
+
+def test_splits_without_labels_txt_share_the_classes_named_in_all_of_them(tmp_path):
+    for split, labels in (("train", ["cat"]), ("val", ["dog", "cat"])):
+        (tmp_path / split).mkdir()
+        write_image(tmp_path / split / "a.png")
+        write_json(tmp_path / split / "a.json", [shape(label, [[3 * i, 0], [3 * i + 2, 0], [3 * i + 2, 2]])
+                                                 for i, label in enumerate(labels)])
+    config = Config()
+    config.data.dataset, config.data.root, config.data.augmentation = "labelme", str(tmp_path), "none"
+    train, val, label_space = build_datasets(config)
+    assert label_space.names == ["cat", "dog"] and val.label_space == label_space  # train's files first
+    assert val[0]["labels"].tolist() == [1, 0]

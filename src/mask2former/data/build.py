@@ -101,6 +101,7 @@ def build_dataset(config: Config, split: str, train: bool) -> tuple[Any, Any]:
         dataset = CityscapesDataset(root, split=split, target=target, transforms=transforms)
     elif data.dataset == "labelme":
         from .formats import LabelmeDataset
+        from .formats.labelme import classes_named_in
 
         folder = root / split
         if not folder.is_dir() and split == data.train_split and any(root.glob("*.json")):
@@ -108,7 +109,11 @@ def build_dataset(config: Config, split: str, train: bool) -> tuple[Any, Any]:
         elif not folder.is_dir():
             raise FileNotFoundError(f"labelme: no {split!r} folder under {root}; a single folder of JSON files is "
                                     f"the {data.train_split!r} split, and data.val_fraction holds out validation")
-        dataset = LabelmeDataset(folder, label_space=data.extra.get("labels"), transforms=transforms)
+        labels = data.extra.get("labels")
+        if labels is None and folder != root and not any((place / name).is_file() for place in (folder, root)
+                                                         for name in ("classes.yaml", "labels.txt")):
+            labels = classes_named_in(sorted(root.glob("*/*.json")))  # the same classes in every split
+        dataset = LabelmeDataset(folder, label_space=labels, transforms=transforms)
     elif data.dataset == "yolo":
         from .formats import YoloDataset
 

@@ -104,6 +104,22 @@ def parse_shape(shape: Any, where: str) -> tuple[str, np.ndarray] | str:
     return kind, points
 
 
+def classes_named_in(paths: list[Path]) -> LabelSpace | None:
+    """All-thing classes in the order the labelme files (in this order) first name them; None if they name none.
+    Used over all split folders so that ``train`` and ``val`` agree without a ``labels.txt``."""
+    names: dict[str, None] = {}
+    for path in paths:
+        try:
+            shapes = json.loads(path.read_text()).get("shapes", [])
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            continue  # the reader of that folder reports it with the file name
+        for shape in shapes if isinstance(shapes, list) else []:
+            label = shape.get("label") if isinstance(shape, dict) else None
+            if isinstance(label, str) and label and label != IGNORE_LABEL:
+                names.setdefault(label)
+    return LabelSpace(names=list(names), is_thing=[True] * len(names)) if names else None
+
+
 class LabelmeDataset(Dataset):
     """Samples from a folder of labelme JSON files (sorted by name).
 
