@@ -77,6 +77,10 @@ def test_labelme_round_trip_of_hand_made_panoptic_sample(tmp_path):
     read = back[0]
     assert segments(read) == segments(sample)
     assert np.array_equal(read["semantic"].numpy(), sample["semantic"].numpy())
+    # labels.txt as labelme's tools want it; alone (no classes.yaml) it fixes the order, all classes things.
+    assert (tmp_path / "labels.txt").read_text().split() == ["__ignore__", "_background_", "wall", "cup", "crowd"]
+    (tmp_path / "classes.yaml").unlink()
+    assert LabelmeDataset(tmp_path / "train").label_space.names == ["wall", "cup", "crowd"]
 
 
 def test_yolo_round_trip_keeps_things_and_says_what_it_cannot_hold(tmp_path, caplog):

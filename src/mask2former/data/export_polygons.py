@@ -21,7 +21,7 @@ import numpy as np
 import yaml
 from scipy import ndimage
 
-from .formats.labelme import IGNORE_LABEL
+from .formats.labelme import BACKGROUND_LABEL, IGNORE_LABEL
 from .label_space import LabelSpace
 from .polygons import mask_to_polygons, paint_order, rasterize
 
@@ -73,7 +73,8 @@ def write_labelme(image_name: str, height: int, width: int, shapes: list[dict[st
 def write_labelme_classes(label_space: LabelSpace, out_dir: Path) -> dict[str, Path]:
     """``labels.txt`` (labelme's own class list) and ``classes.yaml`` (which classes are stuff) in ``out_dir``."""
     labels_txt = out_dir / "labels.txt"
-    labels_txt.write_text("\n".join([IGNORE_LABEL, *label_space.names]) + "\n")
+    # labelme2voc / labelme2coco expect __ignore__ and _background_ first (ids -1 and 0); our reader skips both.
+    labels_txt.write_text("\n".join([IGNORE_LABEL, BACKGROUND_LABEL, *label_space.names]) + "\n")
     classes_yaml = out_dir / "classes.yaml"
     label_space.to_yaml(classes_yaml)
     return {"labels_txt": labels_txt, "classes": classes_yaml}
