@@ -98,6 +98,7 @@ def test_empty_polygons_dropped_with_warning(tmp_path):
     with pytest.warns(UserWarning, match=r"instances\.json: dropped 2 annotation\(s\) .*\[20, 21\]"):
         dataset = CocoInstanceDataset(path, image_dir)
     assert dataset.dropped_annotation_ids == [20, 21]
+    assert dataset.counts.summary() == {"dog": {"read": 1, "skipped": {"without a valid polygon": 2}}}
     sample = dataset[0]
     assert sample["labels"].tolist() == [1]  # annotation 22 keeps its one valid polygon
     assert np.array_equal(sample["masks"][0].numpy(), hand_masks()[0])
@@ -191,6 +192,7 @@ def test_roboflow_layout_with_valid_split(tmp_path):
         path.rename(folder / "_annotations.coco.json")
     train, val, labels = build_datasets(_layout_config(tmp_path))
     assert labels.names == ["person", "dog"]
+    assert train.counts.summary() == {"dog": {"read": 1, "skipped": {}}, "person": {"read": 2, "skipped": {}}}
     assert len(train) == len(val) == 2 and val.annotation_file == tmp_path / "valid" / "_annotations.coco.json"
     assert train[0]["labels"].tolist() == [1, 0, 0]
 

@@ -25,6 +25,7 @@ from torch.utils.data import Dataset
 from ..image_io import read_image
 from ..label_space import LabelSpace
 from ._common import Transforms, apply_transforms, make_sample
+from ._counts import AnnotationCounts
 
 
 def load_coco_json(path: Path) -> dict[str, Any]:
@@ -126,6 +127,7 @@ class CocoInstanceDataset(Dataset):
         self.images = list(images.values())
         self.annotations: dict[Any, list[dict[str, Any]]] = {image_id: [] for image_id in images}
         self.dropped_annotation_ids: list[Any] = []
+        self.counts = AnnotationCounts()  # logged per class: read, skipped and why
         for annotation in data.get("annotations", []):
             annotation_id = annotation.get("id")
             where = f"{self.annotation_file} annotation {annotation_id!r}"
@@ -133,14 +135,17 @@ class CocoInstanceDataset(Dataset):
             if image_id not in images:
                 raise ValueError(f"{self.annotation_file}: annotation {annotation_id!r} refers to missing image id "
                                  f"{image_id!r}")
-            self.label_space.to_contiguous(annotation.get("category_id"), where=where)
+            name = self.label_space.names[self.label_space.to_contiguous(annotation.get("category_id"), where=where)]
             if "segmentation" not in annotation:
                 raise ValueError(f"{where}: no 'segmentation'")
             segmentation = annotation["segmentation"]
             if isinstance(segmentation, list) and not _valid_polygons(segmentation):
                 self.dropped_annotation_ids.append(annotation_id)
+                self.counts.skip(name, "without a valid polygon")
                 continue
+            self.counts.read(name)
             self.annotations[image_id].append(annotation)
+        self.counts.log(str(self.annotation_file))
         if self.dropped_annotation_ids:
             warnings.warn(f"{self.annotation_file}: dropped {len(self.dropped_annotation_ids)} annotation(s) with no "
                           f"valid polygon (ids {self.dropped_annotation_ids[:10]}), as detectron2 does", stacklevel=2)
