@@ -98,6 +98,7 @@ def test_empty_polygons_dropped_with_warning(tmp_path):
     with pytest.warns(UserWarning, match=r"instances\.json: dropped 2 annotation\(s\) .*\[20, 21\]"):
         dataset = CocoInstanceDataset(path, image_dir)
     assert dataset.dropped_annotation_ids == [20, 21]
+    assert dataset.counts.summary() == {"dog": {"read": 1, "skipped": {"without a valid polygon": 2}}}
     sample = dataset[0]
     assert sample["labels"].tolist() == [1]  # annotation 22 keeps its one valid polygon
     assert np.array_equal(sample["masks"][0].numpy(), hand_masks()[0])
@@ -148,3 +149,60 @@ def test_transforms_are_applied(tmp_path):
     path, image_dir = write_fixture(tmp_path)
     dataset = CocoInstanceDataset(path, image_dir, transforms=lambda sample: {**sample, "seen": True})
     assert dataset[0]["seen"] is True
+
+
+def _layout_config(root):
+    from mask2former.config import Config
+
+    config = Config()
+    config.data.dataset, config.data.root, config.data.augmentation = "coco", str(root), "none"
+    return config
+
+
+def test_cvat_coco_1_0_layout_is_found_without_extra(tmp_path):
+    from mask2former.data.build import build_dataset, build_datasets
+
+    path, image_dir = write_fixture(tmp_path)  # images/ + a JSON, moved to CVAT's name
+    (tmp_path / "annotations").mkdir()
+    path.rename(tmp_path / "annotations" / "instances_default.json")
+    dataset, labels = build_dataset(_layout_config(tmp_path), "train", train=True)
+    assert len(dataset) == 2 and labels.names == ["person", "dog"]
+    assert dataset[0]["labels"].tolist() == [1, 0, 0] and dataset.image_root == image_dir
+    with pytest.raises(FileNotFoundError, match=r"no 'val' annotations .*instances_default\.json.*val_fraction"):
+        build_dataset(_layout_config(tmp_path), "val", train=False)
+    config = _layout_config(tmp_path)
+    config.data.val_fraction = 0.5
+    train, val, _ = build_datasets(config)
+    assert len(train) == len(val) == 1
+    assert {train[0]["image_id"], val[0]["image_id"]} == {1, 2}
+
+
+def test_roboflow_layout_with_valid_split(tmp_path):
+    from mask2former.data.build import build_datasets
+
+    for split in ("train", "valid"):
+        folder = tmp_path / split
+        folder.mkdir()
+        # Roboflow lists the project as category 0, the parent of the classes, used by no annotation.
+        path, image_dir = write_fixture(folder, categories=[
+            {"id": 0, "name": "pets", "supercategory": "none"}, {"id": 5, "name": "dog", "supercategory": "pets"},
+            {"id": 1, "name": "person", "supercategory": "pets"}])
+        for image in image_dir.iterdir():  # Roboflow keeps the images beside the JSON
+            image.rename(folder / image.name)
+        path.rename(folder / "_annotations.coco.json")
+    train, val, labels = build_datasets(_layout_config(tmp_path))
+    assert labels.names == ["person", "dog"]
+    assert train.counts.summary() == {"dog": {"read": 1, "skipped": {}}, "person": {"read": 2, "skipped": {}}}
+    assert len(train) == len(val) == 2 and val.annotation_file == tmp_path / "valid" / "_annotations.coco.json"
+    assert train[0]["labels"].tolist() == [1, 0, 0]
+
+
+def test_unknown_category_in_a_found_layout_names_file_and_annotation(tmp_path):
+    from mask2former.data.build import build_dataset
+
+    (tmp_path / "train").mkdir()
+    path, _ = write_fixture(tmp_path / "train", annotations=[
+        {"id": 77, "image_id": 1, "category_id": 9, "iscrowd": 0, "segmentation": [[1, 1, 4, 1, 4, 3]]}])
+    path.rename(tmp_path / "train" / "_annotations.coco.json")
+    with pytest.raises(ValueError, match=r"_annotations\.coco\.json annotation 77: unknown category id 9"):
+        build_dataset(_layout_config(tmp_path), "train", train=True)

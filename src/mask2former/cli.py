@@ -95,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     data_export = data_commands.add_parser("export", help="write a built-in data set in a real format")
     data_export.add_argument("dataset", choices=["fashion-scenes"])
     data_export.add_argument("out", help="output directory")
-    data_export.add_argument("--format", default="coco-panoptic", choices=["coco-panoptic", "coco-instance", "semantic-png"])
+    data_export.add_argument("--format", default="coco-panoptic", choices=["coco-panoptic", "coco-instance", "semantic-png",
+                                                                        "labelme", "yolo"])
     data_export.add_argument("--split", default="val", choices=["train", "val", "test"])
     data_export.add_argument("--num-images", type=int, default=100)
     data_export.add_argument("--seed", type=int, default=0)

@@ -137,7 +137,7 @@ class MaskPilotingConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = "fashion_scenes"  # fashion_scenes | coco | coco_panoptic | ade20k | cityscapes | folder
+    dataset: str = "fashion_scenes"  # data/build.py DATASETS: fashion_scenes, coco, ..., labelme, yolo, voc
     root: str = ""
     train_split: str = "train"
     val_split: str = "val"
@@ -150,6 +150,7 @@ class DataConfig:
     max_scale: float = 2.0
     crop_size: tuple[int, int] = (256, 256)
     num_workers: int = 2
+    val_fraction: float = 0.0  # > 0: hold this fraction of train_split out as validation (data/holdout.py)
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +11,7 @@ from ..config import Config, DataConfig
 from .contracts import Transform
 from .label_space import LabelSpace, builtin_label_space
 
-DATASETS = ("fashion_scenes", "coco", "coco_panoptic", "ade20k", "cityscapes", "folder")
+DATASETS = ("fashion_scenes", "coco", "coco_panoptic", "ade20k", "cityscapes", "folder", "labelme", "yolo", "voc")
 # config.data.dataset -> the built-in label space its files use.
 DATASET_LABEL_SPACES = {"coco_panoptic": "coco_panoptic", "coco": "coco_instance", "ade20k": "ade20k",
                         "cityscapes": "cityscapes"}
@@ -69,10 +71,16 @@ def build_dataset(config: Config, split: str, train: bool) -> tuple[Any, Any]:
     root = Path(data.root)
     if data.dataset == "coco":
         from .formats import CocoInstanceDataset
+        from .formats.coco_layouts import find_coco_layout
 
-        dataset = CocoInstanceDataset(
-            _extra_path(data, f"{role}_annotations", root / "annotations" / f"instances_{split}.json"),
-            _extra_path(data, f"{role}_images", root / split), transforms=transforms)
+        annotations, images = data.extra.get(f"{role}_annotations"), data.extra.get(f"{role}_images")
+        if annotations is None:  # detectron2's, Roboflow's or CVAT's layout
+            annotations, found_images = find_coco_layout(root, split, single=split == data.train_split)
+            images = images or found_images
+        elif images is None:
+            images = root / split
+        dataset = CocoInstanceDataset(annotations, images, transforms=transforms,
+                                      drop_parent_categories=Path(annotations).name == "_annotations.coco.json")
     elif data.dataset == "coco_panoptic":
         from .formats import CocoPanopticDataset
 
@@ -91,6 +99,34 @@ def build_dataset(config: Config, split: str, train: bool) -> tuple[Any, Any]:
 
         target = "semantic" if config.test.task == "semantic" else "panoptic"
         dataset = CityscapesDataset(root, split=split, target=target, transforms=transforms)
+    elif data.dataset == "labelme":
+        from .formats import LabelmeDataset
+        from .formats.labelme import classes_named_in
+
+        folder = root / split
+        if not folder.is_dir() and split == data.train_split and any(root.glob("*.json")):
+            folder = root  # one folder of JSON files: the single split
+        elif not folder.is_dir():
+            raise FileNotFoundError(f"labelme: no {split!r} folder under {root}; a single folder of JSON files is "
+                                    f"the {data.train_split!r} split, and data.val_fraction holds out validation")
+        labels = data.extra.get("labels")
+        if labels is None and folder != root and not any((place / name).is_file() for place in (folder, root)
+                                                         for name in ("classes.yaml", "labels.txt")):
+            labels = classes_named_in(sorted(root.glob("*/*.json")))  # the same classes in every split
+        dataset = LabelmeDataset(folder, label_space=labels, transforms=transforms)
+    elif data.dataset == "yolo":
+        from .formats import YoloDataset
+
+        yaml_path = Path(data.extra["data_yaml"]) if data.extra.get("data_yaml") else root / "data.yaml"
+        if not yaml_path.is_file() and not data.extra.get("data_yaml"):
+            candidates = sorted(root.glob("*.yaml"))  # Ultralytics names it freely (coco8-seg.yaml, ...)
+            yaml_path = candidates[0] if len(candidates) == 1 else yaml_path
+        dataset = YoloDataset(yaml_path, split=split, transforms=transforms)
+    elif data.dataset == "voc":
+        from .formats import VocDataset
+
+        dataset = VocDataset(root, split=split, label_space=data.extra.get("labels"), transforms=transforms,
+                             all_without_list=split == data.train_split)  # no lists: everything is training data
     else:
         from .formats import FolderDataset
 
@@ -99,10 +135,35 @@ def build_dataset(config: Config, split: str, train: bool) -> tuple[Any, Any]:
     return dataset, dataset.label_space
 
 
+def _show_data_log() -> None:
+    """The readers' counts and the hold-out line go to ``mask2former.data`` at INFO: show them where the
+    application configured no logging (as the trainer does for its own logger)."""
+    data_logger = logging.getLogger("mask2former.data")
+    if not data_logger.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+        data_logger.addHandler(handler)
+        data_logger.setLevel(logging.INFO)
+
+
 def build_datasets(config: Config) -> tuple[Any, Any, Any]:
     """``(train dataset, val dataset or None, label space)``; the val split is skipped when
-    ``data.num_val_images == 0`` or ``data.val_split`` is empty."""
+    ``data.num_val_images == 0`` or ``data.val_split`` is empty. With ``data.val_fraction > 0`` the validation
+    images are held out of ``data.train_split`` (:mod:`~mask2former.data.holdout`) and ``data.val_split`` is not
+    read."""
+    _show_data_log()
     train, label_space = build_dataset(config, config.data.train_split, train=True)
+    if config.data.val_fraction > 0:
+        from .holdout import hold_out
+
+        if hasattr(train, "transforms"):  # the same files without the training transforms (no second parse)
+            unaugmented = copy.copy(train)
+            unaugmented.transforms = None
+        else:
+            unaugmented, _ = build_dataset(config, config.data.train_split, train=False)
+        train, val = hold_out(train, unaugmented, config.data.val_fraction, config.data.seed,
+                              where=f"({config.data.dataset} {config.data.train_split})")
+        return train, val, label_space
     val = None
     if config.data.val_split and not (config.data.dataset == "fashion_scenes" and config.data.num_val_images == 0):
         val, val_labels = build_dataset(config, config.data.val_split, train=False)

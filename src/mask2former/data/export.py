@@ -8,12 +8,19 @@ so a read-back is bit-identical):
 - ``"coco-instance"``: ``<split>/`` images and ``annotations/instances_<split>.json`` with thing classes only --
   ``data.dataset=coco``;
 - ``"semantic-png"``: the ``folder`` format: ``images/<split>/``, ``labels/<split>/*.png`` (value = dataset id,
-  ``ignore_index`` unlabelled) and ``classes.yaml`` -- ``data.dataset=folder``.
+  ``ignore_index`` unlabelled) and ``classes.yaml`` -- ``data.dataset=folder``;
+- ``"labelme"``: ``<split>/*.json`` beside their ``<split>/*.png`` images, ``labels.txt`` and ``classes.yaml`` (which
+  classes are stuff) -- ``data.dataset=labelme``;
+- ``"yolo"``: Ultralytics segmentation: ``images/<split>/``, ``labels/<split>/*.txt`` and ``data.yaml`` -- things
+  only, ``data.dataset=yolo``.
+The polygon formats' limits (holes, stuff in YOLO, ...) are in :mod:`~mask2former.data.export_polygons`.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -21,10 +28,13 @@ import numpy as np
 import pycocotools.mask as mask_utils
 from PIL import Image
 
+from .export_polygons import labelme_shapes, write_labelme, write_labelme_classes, write_yolo_yaml, yolo_lines
 from .formats.coco_panoptic import id_to_rgb, rgb_to_id
 from .label_space import LabelSpace
 
-FORMATS = ("coco-panoptic", "coco-instance", "semantic-png")
+logger = logging.getLogger("mask2former.data")
+
+FORMATS = ("coco-panoptic", "coco-instance", "semantic-png", "labelme", "yolo")
 
 
 def _stem(image_id: Any, split: str) -> str:
@@ -70,7 +80,7 @@ def export_samples(samples: Iterable[dict[str, Any]], label_space: LabelSpace, o
     if format not in FORMATS:
         raise ValueError(f"export: format must be one of {FORMATS}, got {format!r}")
     out_dir = Path(out_dir)
-    image_dir = out_dir / "images" / split if format == "semantic-png" else out_dir / split
+    image_dir = out_dir / "images" / split if format in ("semantic-png", "yolo") else out_dir / split
     image_dir.mkdir(parents=True, exist_ok=True)
     images_json: list[dict[str, Any]] = []
     annotations_json: list[dict[str, Any]] = []
@@ -78,6 +88,7 @@ def export_samples(samples: Iterable[dict[str, Any]], label_space: LabelSpace, o
     panoptic_dir = out_dir / f"panoptic_{split}"
     label_dir = out_dir / "labels" / split
     next_annotation_id = 1  # pycocotools treats annotation id 0 as "unmatched"
+    lost: Counter[str] = Counter()  # what the polygon formats cannot hold
 
     for sample in samples:
         image = sample["image"]
@@ -123,6 +134,13 @@ def export_samples(samples: Iterable[dict[str, Any]], label_space: LabelSpace, o
             dtype = np.uint8 if semantic.max(initial=0) < 256 else np.uint16
             label_dir.mkdir(parents=True, exist_ok=True)
             Image.fromarray(semantic.astype(dtype)).save(label_dir / f"{stem}.png")
+        if format == "labelme":
+            shapes = labelme_shapes(labels, masks, iscrowd, label_space, lost)
+            write_labelme(f"{stem}.png", height, width, shapes, image_dir / f"{stem}.json")
+        if format == "yolo":
+            label_dir.mkdir(parents=True, exist_ok=True)
+            lines = yolo_lines(labels, masks, iscrowd, label_space, lost)
+            (label_dir / f"{stem}.txt").write_text("".join(line + "\n" for line in lines))
 
     written: dict[str, Path] = {"images": image_dir}
     if format in ("coco-panoptic", "coco-instance"):
@@ -141,6 +159,12 @@ def export_samples(samples: Iterable[dict[str, Any]], label_space: LabelSpace, o
         LabelSpace(names=label_space.names, is_thing=label_space.is_thing, ignore_index=label_space.ignore_index,
                    colors=label_space.colors).to_yaml(path)
         written.update(annotations=path, labels=label_dir)
+    elif format == "labelme":
+        written.update(write_labelme_classes(label_space, out_dir), annotations=image_dir)
+    elif format == "yolo":
+        written.update(annotations=write_yolo_yaml(label_space, out_dir, split), labels=label_dir)
+    for what, count in lost.items():
+        logger.warning(f"export {format} {out_dir}: {count} {what}")
     return written
 
 

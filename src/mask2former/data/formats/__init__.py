@@ -5,6 +5,9 @@ from .cityscapes import CityscapesDataset, cityscapes_label_space
 from .coco import CocoInstanceDataset
 from .coco_panoptic import CocoPanopticDataset, id_to_rgb, rgb_to_id
 from .folder import FolderDataset
+from .labelme import LabelmeDataset
+from .voc import VocDataset, voc_label_space
+from .yolo import YoloDataset
 
 __all__ = [
     "ADE20KDataset",
@@ -12,8 +15,12 @@ __all__ = [
     "CocoInstanceDataset",
     "CocoPanopticDataset",
     "FolderDataset",
+    "LabelmeDataset",
+    "VocDataset",
+    "YoloDataset",
     "ade20k_label_space",
     "cityscapes_label_space",
     "id_to_rgb",
     "rgb_to_id",
+    "voc_label_space",
 ]

@@ -13,6 +13,7 @@ Conventions:
 from __future__ import annotations
 
 import json
+import logging
 import warnings
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from torch.utils.data import Dataset
 from ..image_io import read_image
 from ..label_space import LabelSpace
 from ._common import Transforms, apply_transforms, make_sample
+from ._counts import AnnotationCounts
 
 
 def load_coco_json(path: Path) -> dict[str, Any]:
@@ -79,6 +81,21 @@ def annotation_to_rle(segmentation: Any, height: int, width: int, where: str) ->
                      f"(expected polygons or an RLE with 'size' and 'counts')")
 
 
+def _without_parent_categories(data: dict[str, Any], path: Path) -> list[dict[str, Any]]:
+    used = {annotation.get("category_id") for annotation in data.get("annotations", [])}
+    categories = data["categories"]
+    parents = {category.get("supercategory") for category in categories}
+    dropped = [category for category in categories if category.get("id") not in used
+               and category.get("name") in parents
+               and any(other.get("supercategory") == category.get("name") and other is not category
+                       for other in categories)]
+    if dropped:
+        logging.getLogger("mask2former.data").info(
+            f"{path}: category {[c.get('name') for c in dropped]} (id {[c.get('id') for c in dropped]}) is only the "
+            f"parent of the others and has no annotation: not a class")
+    return [category for category in categories if all(category is not other for other in dropped)]
+
+
 class CocoInstanceDataset(Dataset):
     """Samples from a COCO instances JSON plus its image folder.
 
@@ -88,14 +105,18 @@ class CocoInstanceDataset(Dataset):
         label_space: defaults to the JSON's categories in ascending id order (``isthing`` honoured when present,
             else all things).
         transforms: callable applied to each sample dict.
+        drop_parent_categories: drop categories no annotation uses that are the ``supercategory`` of others
+            (Roboflow lists its project as category 0, the parent of every class); the drop is logged.
     """
 
     def __init__(self, annotation_file: str | Path, image_root: str | Path, label_space: LabelSpace | None = None,
-                 transforms: Transforms = None) -> None:
+                 transforms: Transforms = None, drop_parent_categories: bool = False) -> None:
         self.annotation_file = Path(annotation_file)
         self.image_root = Path(image_root)
         self.transforms = transforms
         data = load_coco_json(self.annotation_file)
+        if drop_parent_categories and label_space is None:
+            data["categories"] = _without_parent_categories(data, self.annotation_file)
         self.label_space = label_space or LabelSpace.from_coco_categories(data["categories"],
                                                                           where=str(self.annotation_file))
         images = index_images(data, self.annotation_file)
@@ -106,6 +127,7 @@ class CocoInstanceDataset(Dataset):
         self.images = list(images.values())
         self.annotations: dict[Any, list[dict[str, Any]]] = {image_id: [] for image_id in images}
         self.dropped_annotation_ids: list[Any] = []
+        self.counts = AnnotationCounts()  # logged per class: read, skipped and why
         for annotation in data.get("annotations", []):
             annotation_id = annotation.get("id")
             where = f"{self.annotation_file} annotation {annotation_id!r}"
@@ -113,17 +135,24 @@ class CocoInstanceDataset(Dataset):
             if image_id not in images:
                 raise ValueError(f"{self.annotation_file}: annotation {annotation_id!r} refers to missing image id "
                                  f"{image_id!r}")
-            self.label_space.to_contiguous(annotation.get("category_id"), where=where)
+            name = self.label_space.names[self.label_space.to_contiguous(annotation.get("category_id"), where=where)]
             if "segmentation" not in annotation:
                 raise ValueError(f"{where}: no 'segmentation'")
             segmentation = annotation["segmentation"]
             if isinstance(segmentation, list) and not _valid_polygons(segmentation):
                 self.dropped_annotation_ids.append(annotation_id)
+                self.counts.skip(name, "without a valid polygon")
                 continue
+            self.counts.read(name)
             self.annotations[image_id].append(annotation)
+        self.counts.log(str(self.annotation_file))
         if self.dropped_annotation_ids:
             warnings.warn(f"{self.annotation_file}: dropped {len(self.dropped_annotation_ids)} annotation(s) with no "
                           f"valid polygon (ids {self.dropped_annotation_ids[:10]}), as detectron2 does", stacklevel=2)
+
+    def sample_keys(self) -> list[str]:
+        """A stable name per sample (for ``data.val_fraction``): the image file names."""
+        return [str(image["file_name"]) for image in self.images]
 
     def __len__(self) -> int:
         return len(self.images)
