@@ -111,7 +111,9 @@ def _load_config(args):
 def cmd_train(args) -> int:
     from .apps.train import run_train
 
-    run_train(_load_config(args), resume=args.resume)
+    # model.* keys given on the command line win over a model.weights checkpoint's architecture
+    explicit = [o.split("=", 1)[0].strip() for o in args.overrides if o.strip().startswith("model.")]
+    run_train(_load_config(args), resume=args.resume, explicit_model_keys=explicit)
     return 0
 
 
