@@ -92,8 +92,7 @@ def _model_from_weights(config: Config, label_space: Any, resume: bool, explicit
     output_dir = Path(config.train.output_dir)
     model_config = _run_model_config(config)
     if resume and find_last_checkpoint(output_dir) is not None and (output_dir / "config.yaml").exists():
-        saved = load_config(output_dir / "config.yaml").model
-        saved = dataclasses.replace(saved, weights=config.model.weights)
+        saved = load_config(output_dir / "config.yaml").model  # its model.weights: the run's first start
         with skip_imagenet_weights():
             model = build_model(dataclasses.replace(config, model=saved), label_space)
         report = (f"model.weights={config.model.weights} not loaded: resuming the run in {output_dir} "
