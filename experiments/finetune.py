@@ -295,6 +295,7 @@ def main(argv: Iterable[str] | None = None) -> None:
     common.add_argument("--data-seed", type=int, default=1, help="FashionScenes seed (the default model used 0)")
     common.add_argument("--smoke", action="store_true", help=f"{SMOKE['max_iter']} iterations, "
                                                              f"{SMOKE['train_images']} images: does it run?")
+    common.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     common.add_argument("--data", default=None, help="data folder (default runs/finetune[_smoke]/data)")
     common.add_argument("--runs", default=None, help="run folders (default runs/finetune[_smoke])")
     common.add_argument("--results", default=None, help="result JSONs (default experiments/results/finetune)")
@@ -309,6 +310,10 @@ def main(argv: Iterable[str] | None = None) -> None:
     summarise = commands.add_parser("summary", parents=[common], help="docs/finetune.md + docs/finetune_curves.png")
     summarise.add_argument("--docs", default=None)
     args = parser.parse_args(list(argv) if argv is not None else None)
+    if args.threads:  # a shared machine: OpenMP threads fighting over busy cores make every step many times slower
+        import torch
+
+        torch.set_num_threads(args.threads)
     base = ROOT / "runs" / ("finetune_smoke" if args.smoke else "finetune")
     if args.smoke:
         args.train_images, args.val_images = SMOKE["train_images"], SMOKE["val_images"]

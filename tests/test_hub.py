@@ -11,9 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import tiny_swin_config
 
+from mask2former.config import to_dict
 from mask2former.interop import hub
+from mask2former.interop.detectron2 import save_detectron2_checkpoint
 from mask2former.interop.errors import CheckpointError
 from mask2former.modeling.model import Mask2Former
 
@@ -87,10 +90,11 @@ def test_missing_hub_package_names_the_extra(monkeypatch):
 
 class Handler(http.server.BaseHTTPRequestHandler):
     requests: list[str] = []
+    payloads: dict[str, bytes] = {}  # path -> body (default PAYLOAD)
 
     def do_GET(self):  # noqa: N802 - the http.server name
         Handler.requests.append(self.path)
-        body = PAYLOAD
+        body = Handler.payloads.get(self.path, PAYLOAD)
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
@@ -107,7 +111,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def server():
-    Handler.requests = []
+    Handler.requests, Handler.payloads = [], {}
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
@@ -163,3 +167,19 @@ def test_zoo_table_uses_official_names():
     for name, entry in hub.ZOO.items():
         assert entry.file_name == f"model_final_{entry.md5_prefix}.pkl", name
         assert (Path(hub.__file__).parents[1] / "configs" / f"{entry.preset}.yaml").exists(), name
+
+
+def test_from_pretrained_by_zoo_name_end_to_end(server, zoo, monkeypatch, tmp_path):
+    """A detectron2 pickle served as a zoo entry: downloaded, checked, converted with the entry's preset."""
+    model = Mask2Former(tiny_swin_config(num_classes=3, dec_layers=1, enc_layers=1))
+    save_detectron2_checkpoint(model, tmp_path / "model.pkl")
+    data = (tmp_path / "model.pkl").read_bytes()
+    digest = hashlib.md5(data).hexdigest()[:6]
+    preset = tmp_path / "tiny_preset.yaml"
+    preset.write_text(yaml.safe_dump({"model": to_dict(model.config)}))
+    monkeypatch.setitem(hub.ZOO, "tiny_real", hub.ZooEntry(f"r/model_final_{digest}.pkl", str(preset), digest))
+    Handler.payloads[f"/good/r/model_final_{digest}.pkl"] = data
+    monkeypatch.setenv("MASK2FORMER_ZOO_URL", server + "/good")
+    loaded = Mask2Former.from_pretrained("zoo:tiny_real")
+    expected = model.state_dict()
+    assert loaded.num_classes == 3 and all(torch.equal(v, expected[k]) for k, v in loaded.state_dict().items())
