@@ -249,6 +249,10 @@ def plot(arms: dict[str, list[dict[str, Any]]], path: Path) -> Path:
     return convergence._save_figure(plt, figure, path)
 
 
+def described(arm: str) -> str:
+    return ", ".join(o.format(source="SOURCE") for o in ARMS[arm]) or "the default preset"
+
+
 def summary(results: Path, docs: Path) -> Path:
     arms = load_results(results)
     if not arms:
@@ -264,7 +268,7 @@ def summary(results: Path, docs: Path) -> Path:
         f"exported as {first['format']} and read back; {first['max_iter']} iterations of batch 4, "
         f"same data and budget for every arm; mean ± std over seeds {sorted({r['seed'] for runs in arms.values() for r in runs})}.",
         "",
-        "Arms: " + "; ".join(f"`{arm}`: {', '.join(ARMS[arm]) or 'the default preset'}" for arm in arms),
+        "Arms: " + "; ".join(f"`{arm}`: {described(arm)}" for arm in arms),
         "",
         *table(arms),
         "",
