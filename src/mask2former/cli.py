@@ -13,6 +13,8 @@ import sys
 from .config import TASKS
 
 DEFAULT_PRESET = "fashion_scenes_lite0"
+CHECKPOINT_HELP = ("checkpoint folder (ours, transformers), detectron2 .pkl, Hugging Face Hub id (org/name[@revision]) "
+                   "or model-zoo name (e.g. coco_panoptic_r50)")
 
 
 def _add_config_args(parser: argparse.ArgumentParser, default: str | None = DEFAULT_PRESET) -> None:
@@ -32,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("evaluate", help="PQ / AP / mIoU of a checkpoint (or of saved results files) "
                                                     "on a data set")
     what = evaluate.add_mutually_exclusive_group(required=True)
-    what.add_argument("--checkpoint", help="checkpoint directory (ours, transformers) or detectron2 .pkl")
+    what.add_argument("--checkpoint", help=CHECKPOINT_HELP)
     what.add_argument("--predictions", metavar="DIR", help="score standard results files (panoptic.json + panoptic/, "
                                                            "instances.json, semantic/) without a model")
     _add_config_args(evaluate)
@@ -49,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("images", nargs="+", help="image files, folders and glob patterns (quote them: 'dir/*.jpg', "
                                                    "'dir/**/*.png')")
     source = predict.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="checkpoint directory or detectron2 .pkl")
+    source.add_argument("--checkpoint", help=CHECKPOINT_HELP)
     source.add_argument("--onnx", help="an ONNX model written by `mask2former export` (with its config.yaml beside it)")
     predict.add_argument("--task", default="panoptic", choices=TASKS)
     predict.add_argument("--out", default="predictions", help="output directory")
@@ -72,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="progress bar on stderr (default: when stderr is a terminal)")
 
     export = commands.add_parser("export", help="export the inference graph (no post-processing)")
-    export.add_argument("--checkpoint", required=True)
+    export.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     export.add_argument("--format", default="onnx", choices=["onnx"])
     export.add_argument("--out", default="model.onnx")
     export.add_argument("--height", type=int, default=256, help="trace height (the file takes any size)")
@@ -81,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also write <stem>.int8.onnx (onnxruntime dynamic int8; predict --onnx runs it)")
 
     serve = commands.add_parser("serve", help="local web demo + JSON API")
-    serve.add_argument("--checkpoint", required=True)
+    serve.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--device", default="cpu")
@@ -112,7 +114,9 @@ def _load_config(args):
 def cmd_train(args) -> int:
     from .apps.train import run_train
 
-    run_train(_load_config(args), resume=args.resume)
+    # model.* keys given on the command line win over a model.weights checkpoint's architecture
+    explicit = [o.split("=", 1)[0].strip() for o in args.overrides if o.strip().startswith("model.")]
+    run_train(_load_config(args), resume=args.resume, explicit_model_keys=explicit)
     return 0
 
 

@@ -108,6 +108,11 @@ class ModelConfig:
     # The reference's sem_seg_postprocess_before_inference, as the model was trained: build_model sets it from
     # test (TestConfig.semantic_before_inference()), so that checkpoints carry it to Predictor(path).
     semantic_postprocess_before_inference: bool = False
+    # Start training from a whole trained model (fine-tuning): our checkpoint folder, a transformers folder, a
+    # detectron2 .pkl, a Hugging Face Hub id (org/name[@revision]) or a model-zoo name (interop/hub.py). The
+    # architecture is then the checkpoint's (modeling/finetune.py says which fields the config keeps), the class head
+    # follows the class names (interop/class_head.py). "" = the usual start (ImageNet backbone, the rest random).
+    weights: str = ""
 
 
 @dataclass
@@ -176,7 +181,8 @@ class SolverConfig:
     precision: str = "fp32"  # fp32 | bf16 | fp16 | auto (bf16 where the device runs it natively, else fp32)
 
 
-TASKS = ("panoptic", "instance", "semantic")  # what a model predicts and the evaluation scores
+TASKS = ("panoptic", "instance", "semantic")
+FREEZABLE_PARTS = ("backbone", "pixel_decoder")  # train.freeze  # what a model predicts and the evaluation scores
 
 
 @dataclass
@@ -218,6 +224,14 @@ class TrainConfig:
     checkpoint_period: int = 500
     log_period: int = 20
     max_nonfinite_steps: int = 5
+    # Parts of the model that do not train (training/freeze.py): any of FREEZABLE_PARTS. Frozen parameters get no
+    # gradient and are not in the optimiser; their modules run in eval mode (batch norm statistics and dropout fixed).
+    freeze: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        unknown = [part for part in self.freeze if part not in FREEZABLE_PARTS]
+        if unknown:
+            raise ConfigError(f"train.freeze: unknown part {unknown[0]!r} (choose from {', '.join(FREEZABLE_PARTS)})")
 
 
 @dataclass

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from torch import nn
 
@@ -38,12 +38,17 @@ def build_evaluate_fn(config: Config, label_space: Any) -> Callable[[nn.Module, 
     return evaluate
 
 
-def run_train(config: Config, resume: bool = False) -> dict[str, Any]:
-    """Build everything from ``config`` and train (or continue, ``resume=True``). Returns ``Trainer.fit``'s dict."""
+def run_train(config: Config, resume: bool = False, explicit_model_keys: Iterable[str] = ()) -> dict[str, Any]:
+    """Build everything from ``config`` and train (or continue, ``resume=True``). Returns ``Trainer.fit``'s dict.
+
+    ``model.weights`` (fine-tuning) starts from a whole trained model (``modeling/finetune.py``); ``--resume``
+    wins over it. ``explicit_model_keys``: the ``model.*`` keys the user set explicitly (command-line overrides),
+    which win over the checkpoint's architecture."""
     from ..training import distributed as dist_utils
     from ..training.trainer import Trainer, seed_everything
 
-    check_backbone_weights(config)
+    if not config.model.weights:
+        check_backbone_weights(config)
     train_dataset, val_dataset, label_space = build_datasets(config)
     if config.model.num_classes != label_space.num_classes:
         logger.info("model.num_classes %d -> %d (the classes of %s)", config.model.num_classes,
@@ -53,13 +58,19 @@ def run_train(config: Config, resume: bool = False) -> dict[str, Any]:
                                           mask_piloting=config.model.mask_piloting or config.mask_piloting.enabled),
         labels=label_space.to_dict())
     seed_everything(config.train.seed)
-    model = build_model(config, label_space)
+    weights_report = ""
+    if config.model.weights:
+        model, config, weights_report = _model_from_weights(config, label_space, resume, explicit_model_keys)
+    else:
+        model = build_model(config, label_space)
     criterion = build_criterion(config, label_space.num_classes)
     evaluate_fn = build_evaluate_fn(config, label_space) if val_dataset is not None else None
     trainer = Trainer(config, model, train_dataset, val_dataset, label_space, criterion=criterion,
                       evaluate_fn=evaluate_fn)
     if trainer.is_main:  # where the backbone's weights came from (or that it starts random)
-        print(getattr(model.backbone, "weights_report", ""), flush=True)
+        print(weights_report or getattr(model.backbone, "weights_report", ""), flush=True)
+        if getattr(trainer, "freeze_report", None):
+            print("\n".join(trainer.freeze_report), flush=True)
     try:
         result = trainer.fit(resume=resume)
         if trainer.is_main:
@@ -67,6 +78,35 @@ def run_train(config: Config, resume: bool = False) -> dict[str, Any]:
         return result
     finally:
         dist_utils.cleanup(trainer.context)
+
+
+def _model_from_weights(config: Config, label_space: Any, resume: bool, explicit_model_keys: Iterable[str]
+                        ) -> tuple[nn.Module, Config, str]:
+    """The model of a ``model.weights`` run and the config with its architecture. Resuming a run that has a
+    checkpoint builds the run's own saved architecture and leaves the weights to the checkpoint (resume wins)."""
+    from ..config import load_config
+    from ..modeling.backbone import skip_imagenet_weights
+    from ..modeling.finetune import model_from_weights
+    from ..training.resume import find_last_checkpoint
+
+    output_dir = Path(config.train.output_dir)
+    model_config = _run_model_config(config)
+    if resume and find_last_checkpoint(output_dir) is not None and (output_dir / "config.yaml").exists():
+        saved = load_config(output_dir / "config.yaml").model  # its model.weights: the run's first start
+        with skip_imagenet_weights():
+            model = build_model(dataclasses.replace(config, model=saved), label_space)
+        report = (f"model.weights={config.model.weights} not loaded: resuming the run in {output_dir} "
+                  f"(--resume wins over model.weights)")
+    else:
+        model, report = model_from_weights(model_config, label_space.to_dict(), explicit_model_keys)
+    return model, dataclasses.replace(config, model=model.config), report
+
+
+def _run_model_config(config: Config) -> Any:
+    """``config.model`` with what ``build_model`` derives from the rest of the config (piloting, test flag)."""
+    return dataclasses.replace(
+        config.model, mask_piloting=config.model.mask_piloting or config.mask_piloting.enabled,
+        semantic_postprocess_before_inference=config.test.semantic_before_inference())
 
 
 def _report(config: Config, trainer: Any, result: dict[str, Any], val_dataset: Any, label_space: Any) -> None:

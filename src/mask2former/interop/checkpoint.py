@@ -37,10 +37,12 @@ def read_checkpoint(path: str | Path, config: str | None = None
                     ) -> tuple[ModelConfig, dict[str, Tensor], dict[str, Any] | None, str]:
     """``(model config, state dict in our names, labels, description)`` of our directory (``config.yaml`` +
     ``model.safetensors``), a transformers directory (``config.json``) or a detectron2 ``.pkl``/``.pth``
-    (``config``: the preset it was trained with)."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+    (``config``: the preset it was trained with), or a name ``interop/hub.py`` resolves (a Hugging Face Hub id, a
+    model-zoo name: its preset is then ``config`` unless given)."""
+    from .hub import resolve_checkpoint, zoo_preset
+
+    config = config or zoo_preset(path)
+    path = resolve_checkpoint(path)
     if path.is_dir() and (path / "config.yaml").exists():
         document = yaml.safe_load((path / "config.yaml").read_text()) or {}
         model_config = from_dict(ModelConfig, document.get("model", {}), "model")

@@ -147,7 +147,9 @@ class Mask2Former(nn.Module):
         cls, path: str | Path, config: str | None = None, num_classes: int | None = None, map_location: str = "cpu",
     ) -> "Mask2Former":
         """Load our own directory, a transformers Mask2Former directory (config.json + model.safetensors), or an
-        official detectron2 ``model_final_*.pkl`` (pass ``config``: the preset it was trained with).
+        official detectron2 ``model_final_*.pkl`` (pass ``config``: the preset it was trained with); or a name:
+        a Hugging Face Hub id ``org/name[@revision]`` or a model-zoo name such as ``coco_panoptic_r50``
+        (``interop/hub.py``; a local path always wins).
 
         ``num_classes``: build a model with another class count; everything but the class head is loaded."""
         from .pretrained import load_pretrained

@@ -201,6 +201,9 @@ def check_checkpoint(state: dict[str, Any], path: str | Path, model_config: dict
     if state.get("version") != CHECKPOINT_VERSION:
         raise ValueError(f"{path}: checkpoint version {state.get('version')} is not {CHECKPOINT_VERSION}")
     saved_model = state.get("config", {}).get("model")
+    if saved_model is not None and "weights" not in saved_model and not model_config.get("weights"):
+        # checkpoints written before model.weights existed: an empty one is what they were trained with
+        model_config = {key: value for key, value in model_config.items() if key != "weights"}
     if saved_model is not None and saved_model != model_config:
         changed = sorted(k for k in saved_model if saved_model[k] != model_config.get(k))
         raise ValueError(f"{path}: the checkpoint was trained with another model config (differs in {changed})")

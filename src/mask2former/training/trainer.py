@@ -40,6 +40,7 @@ from ..modeling.precision import autocast, resolve_precision
 from . import distributed as dist_utils
 from .best_model import DEFAULT_BEST_METRIC, BestModelTracker
 from .callbacks import Callback
+from .freeze import freeze_parts
 from .metrics_log import MetricsLog, flatten_numbers
 from .optim import build_optimizer, build_scheduler, clip_grad_norm, lr_summary
 from .resume import atomic_save_pretrained, atomic_torch_save, find_last_checkpoint, seed_everything
@@ -159,6 +160,8 @@ class Trainer(TrainStateMixin):
             seed_everything(config.train.seed)
             model = build_model(config, label_space)
         self.model = model.to(self.device)
+        if config.train.freeze:  # before the optimiser, which then holds only the parts that train
+            self.freeze_report = freeze_parts(self.model, config.train.freeze)
         if criterion is None:
             from .build import build_criterion
 
