@@ -31,7 +31,7 @@ def test_run_train_fashion_scenes_end_to_end(tmp_path):
     """The default preset, shrunk: FashionScenes, the lite0 backbone (random init), bf16 autocast, evaluation at the
     end with PQ/AP/mIoU, and a final model that loads with from_pretrained."""
     config = load_config("fashion_scenes_lite0", TINY + [f"train.output_dir={tmp_path}", "train.checkpoint_period=1"])
-    assert config.model.num_classes == 13 and config.solver.precision == "bf16"
+    assert config.model.num_classes == 13 and config.solver.precision == "auto"
     result = run_train(config, resume=False)
     assert result["step"] == 2 and result["best"]["metric"] == "PQ"
     assert {"PQ", "AP", "mIoU"} <= set(result["metrics"])

@@ -125,11 +125,8 @@ class Trainer(TrainStateMixin):
         solver = config.solver
         if solver.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ValueError(f"solver.precision must be auto, fp32, bf16 or fp16, got {solver.precision!r}")
-        self.precision_note = ""
-        if solver.precision == "auto":  # resolved once: the run (and its checkpoints) record what ran
-            solver.precision = resolve_precision("auto", self.device)
-            self.precision_note = (" (auto: bf16 is native here)" if solver.precision == "bf16"
-                                   else " (auto: no native bf16 here; emulated bf16 is far slower than fp32)")
+        self.precision_note = " (auto: bf16 where native)" if solver.precision == "auto" else ""
+        solver.precision = resolve_precision(solver.precision, self.device)  # once: checkpoints record what ran
         if solver.precision == "fp16" and self.device.type != "cuda":
             raise ValueError("solver.precision=fp16 needs a CUDA device (GradScaler); use bf16 on CPU")
         self.micro_batch_size = dist_utils.per_device_batch_size(
