@@ -146,6 +146,33 @@ def all_gather_object(obj: Any) -> list[Any]:
     return gathered
 
 
+def gather_object(obj: Any, dst: int = 0) -> list[Any] | None:
+    """List of ``obj`` from every process, by rank, on process ``dst``; None on the others."""
+    if not is_distributed():
+        return [obj]
+    gathered: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == dst else None
+    dist.gather_object(obj, gathered, dst=dst)
+    return gathered
+
+
+def shard_range(length: int, index: int, count: int, block: int = 1) -> range:
+    """Part ``index`` of ``count`` of ``range(length)``: contiguous, in whole blocks of ``block`` items (the last
+    block may be short), spread as evenly as the blocks allow (the first ``blocks % count`` parts get one more).
+    The parts in index order concatenate to ``range(length)``; with more parts than blocks the last ones are empty.
+
+    Contiguous parts keep a merge in rank order equal to the one-process order, and ``block`` = the batch size
+    keeps every batch the one a single process would run."""
+    if count < 1 or not 0 <= index < count:
+        raise ValueError(f"shard {index} of {count}: need 0 <= index < count")
+    if block < 1:
+        raise ValueError(f"shard block size must be >= 1, got {block}")
+    blocks = -(-length // block)
+    base, extra = divmod(blocks, count)
+    first = index * base + min(index, extra)
+    last = first + base + (1 if index < extra else 0)
+    return range(min(first * block, length), min(last * block, length))
+
+
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """``obj`` of process ``src`` on every process."""
     if not is_distributed():
