@@ -399,3 +399,14 @@ def test_merged_panoptic_statistics_equal_one_pass_to_the_last_bit():
     first.merge(second)
     assert first.iou.tolist() == one.iou.tolist() and first.tp.tolist() == one.tp.tolist() == [4, 0]
     assert first.compute()["All"] == one.compute()["All"]
+
+
+def test_more_parts_than_images_leaves_the_extra_parts_empty(checkpoint, tmp_path):
+    write_images(tmp_path / "images", 2)
+    options = dict(checkpoint=str(checkpoint), batch_size=1, workers=1, overlays=False)
+    predict_files([tmp_path / "images"], out_dir=tmp_path / "single", **options)
+    sizes = [len(predict_shard([tmp_path / "images"], (index, 4), out_dir=tmp_path / "parts", **options).shard_files)
+             for index in range(4)]
+    assert sizes == [1, 1, 0, 0]
+    assert merge_predictions([tmp_path / "parts"])["images"] == 2
+    assert folder_contents(tmp_path / "parts") == folder_contents(tmp_path / "single")
