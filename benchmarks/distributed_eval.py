@@ -4,7 +4,10 @@ data set; by default the 200-image FashionScenes val split of the CPU preset. Pr
 matching and rank 0's merge), the per-image cost, and whether the metrics are equal to all digits.
 
 Threads: the 1-process run gets all ``--cores`` as torch threads; under torchrun each of the N processes gets
-``cores / N`` (torchrun's default would be 1), so both use the same cores.
+``cores / N`` (torchrun's default would be 1), so both use the same cores. A third run, 1 process on 1 thread,
+separates the gain of N processes from the cost of OpenMP threads: on a 2-core machine shared with other work,
+one process on 2 threads ran 6x slower than on 1 thread (71 s vs 12 s for 40 images; its threads spin-wait for
+each other while other processes hold the cores).
 
     python benchmarks/distributed_eval.py --checkpoint runs/fashion_scenes/model_final [--nproc 2] [--cores 2]
         [--config fashion_scenes_lite0] [--repeats 1] [key=value ...]
@@ -37,9 +40,10 @@ def _env(threads: int) -> dict[str, str]:
     return env
 
 
-def run_evaluate(nproc: int, args: argparse.Namespace, work: Path) -> dict:
+def run_evaluate(nproc: int, args: argparse.Namespace, work: Path, threads: int | None = None) -> dict:
     """One ``evaluate`` command; its wall time, the seconds it reports, and its metrics."""
-    out = work / f"metrics_{nproc}.json"
+    threads = threads or max(args.cores // nproc, 1)
+    out = work / f"metrics_{nproc}x{threads}.json"
     evaluate = ["-m", "mask2former", "evaluate", "--checkpoint", args.checkpoint, "--config", args.config,
                 "--out", str(out), "--tasks", args.tasks, *args.overrides]
     if nproc == 1:
@@ -47,7 +51,6 @@ def run_evaluate(nproc: int, args: argparse.Namespace, work: Path) -> dict:
     else:
         torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
         command = [*torchrun, *evaluate]
-    threads = max(args.cores // nproc, 1)
     started = time.perf_counter()
     finished = subprocess.run(command, env=_env(threads), capture_output=True, text=True, cwd=ROOT)
     wall = time.perf_counter() - started
@@ -75,18 +78,23 @@ def main() -> None:
         sys.exit(f"checkpoint {args.checkpoint} not found")
 
     work = Path(tempfile.mkdtemp(prefix="distributed_eval_"))
-    runs: dict[int, list[dict]] = {1: [], args.nproc: []}
+    setups = [(1, args.cores), (args.nproc, max(args.cores // args.nproc, 1))]
+    if args.cores > 1:
+        setups.append((1, 1))
+    runs: dict[str, list[dict]] = {f"{n}x{t}": [] for n, t in setups}
     try:
         for _ in range(args.repeats):
-            for nproc in (1, args.nproc):
-                runs[nproc].append(run_evaluate(nproc, args, work))
-                print(f"{nproc} process(es): wall {runs[nproc][-1]['wall_seconds']} s, evaluation "
-                      f"{runs[nproc][-1]['evaluate_seconds']} s", flush=True)
+            for nproc, threads in setups:
+                row = run_evaluate(nproc, args, work, threads)
+                runs[f"{nproc}x{threads}"].append(row)
+                print(f"{nproc} process(es) x {threads} thread(s): wall {row['wall_seconds']} s, evaluation "
+                      f"{row['evaluate_seconds']} s", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    best = {n: min(r, key=lambda row: row["evaluate_seconds"]) for n, r in runs.items()}
-    one, many = best[1], best[args.nproc]
-    equal_tables = one["table"] == many["table"]
+    best = {key: min(r, key=lambda row: row["evaluate_seconds"]) for key, r in runs.items()}
+    one, many = best[f"1x{args.cores}"], best[f"{args.nproc}x{max(args.cores // args.nproc, 1)}"]
+    single_thread = best.get("1x1", one)
+    equal_tables = one["table"] == many["table"] == single_thread["table"]
     differences = {key: abs(one["metrics"][key] - many["metrics"][key]) for key in one["metrics"]
                    if one["metrics"][key] == one["metrics"][key]}  # NaN-free keys
     result = {
@@ -94,8 +102,9 @@ def main() -> None:
         "checkpoint": args.checkpoint, "config": args.config, "overrides": args.overrides,
         "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(), "cores_used": args.cores,
         "load_average_at_end": os.getloadavg()[0],
-        "runs": {str(n): r for n, r in runs.items()},
+        "runs": runs,
         "speedup_evaluate": round(one["evaluate_seconds"] / many["evaluate_seconds"], 3),
+        "speedup_evaluate_vs_1_process_1_thread": round(single_thread["evaluate_seconds"] / many["evaluate_seconds"], 3),
         "speedup_wall": round(one["wall_seconds"] / many["wall_seconds"], 3),
         "printed_tables_equal": equal_tables,
         "max_metric_difference": max(differences.values(), default=0.0),
@@ -104,10 +113,11 @@ def main() -> None:
     RESULTS.write_text(json.dumps(result, indent=1))
     print(one["table"])
     print(f"\n{'processes':>9} | {'threads':>7} | {'wall s':>7} | {'eval s':>7} | {'s/image':>7}")
-    for row in (one, many):
+    for row in [one] + ([single_thread] if single_thread is not one else []) + [many]:
         print(f"{row['processes']:>9} | {row['threads_per_process']:>7} | {row['wall_seconds']:>7} | "
               f"{row['evaluate_seconds']:>7} | {row['seconds_per_image']:>7}")
-    print(f"speedup (evaluation) {result['speedup_evaluate']}x, (wall) {result['speedup_wall']}x; printed metrics "
+    print(f"speedup (evaluation) {result['speedup_evaluate']}x ({result['speedup_evaluate_vs_1_process_1_thread']}x "
+          f"vs 1 process x 1 thread), (wall) {result['speedup_wall']}x; printed metrics "
           f"{'equal' if equal_tables else 'DIFFERENT'} (max |difference| {result['max_metric_difference']:.3g}); "
           f"written to {RESULTS}")
 
