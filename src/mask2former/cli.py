@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from .config import TASKS
@@ -72,6 +73,17 @@ def build_parser() -> argparse.ArgumentParser:
                          help="predict every image again (default: skip images whose outputs exist)")
     predict.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                          help="progress bar on stderr (default: when stderr is a terminal)")
+    predict.add_argument("--shard", metavar="I/N", default=None,
+                         help="predict only part I (from 0) of N of the inputs, without a process group (job arrays); "
+                              "join the parts with `mask2former predict-merge OUT`. Under torchrun the parts are "
+                              "the ranks and are merged automatically")
+
+    merge = commands.add_parser("predict-merge", help="join the parts of `predict --shard I/N` runs into one set of "
+                                                      "results files")
+    merge.add_argument("dirs", nargs="+", metavar="DIR", help="the parts' output folder(s)")
+    merge.add_argument("--out", default=None, help="where the merged results go (default: the first DIR; PNGs of "
+                                                   "other folders are copied there)")
+    merge.add_argument("--task", default=None, choices=TASKS, help="which task's parts (default: the only one)")
 
     export = commands.add_parser("export", help="export the inference graph (no post-processing)")
     export.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
@@ -132,9 +144,11 @@ def cmd_evaluate(args) -> int:
         metrics = evaluate_predictions(args.predictions, _load_config(args), tasks=tasks, out=args.out)
         print(f"scored the results files in {args.predictions} ({', '.join(metrics['details'])})")
     else:
-        print(f"precision: {args.precision}")
         metrics = evaluate_checkpoint(args.checkpoint, _load_config(args), tasks=tasks, device=args.device,
                                       out=args.out, precision=args.precision, save_predictions=args.save_predictions)
+        if _rank() != 0:
+            return 0  # torchrun: rank 0 prints (every process has the same metrics)
+        print(f"precision: {args.precision}" + (f"; {_world_size()} processes" if _world_size() > 1 else ""))
     print(metrics["table"])
     if args.out:
         print(f"metrics written to {args.out}")
@@ -146,21 +160,67 @@ def cmd_evaluate(args) -> int:
 def cmd_predict(args) -> int:
     from .apps.predict_files import predict_files
 
-    print(f"precision: {args.precision}")
-    report = predict_files(
-        args.images, checkpoint=args.checkpoint, onnx=args.onnx, task=args.task, out_dir=args.out, device=args.device,
+    options = dict(
+        checkpoint=args.checkpoint, onnx=args.onnx, task=args.task, out_dir=args.out, device=args.device,
         min_size=args.min_size, max_size=args.max_size, precision=args.precision, coco_json=args.coco_json,
         recursive=args.recursive, batch_size=args.batch_size, workers=args.workers, overlays=args.overlays,
         overwrite=args.overwrite, progress=args.progress,
     )
+    if args.shard is not None or _world_size() > 1:
+        return _predict_in_parts(args, options)
+    print(f"precision: {args.precision}")
+    report = predict_files(args.images, **options)
     print(f"predicted {report.predicted} images in {report.seconds:.1f} s ({report.images_per_second:.2f} images/s), "
           f"{report.resumed} already done; results in {args.out} ({', '.join(p.name for p in report.files)})")
-    if report.errors:
-        print(f"mask2former predict: error: {len(report.errors)} input(s) failed and were skipped:", file=sys.stderr)
-        for name, message in report.errors:
+    return _report_errors(report.errors)
+
+
+def _report_errors(errors) -> int:
+    if errors:
+        print(f"mask2former predict: error: {len(errors)} input(s) failed and were skipped:", file=sys.stderr)
+        for name, message in errors:
             print(f"  {name}: {message}", file=sys.stderr)
         return 1
     return 0
+
+
+def _world_size() -> int:
+    """torchrun's process count (1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0") or 0)
+
+
+def _predict_in_parts(args, options) -> int:
+    from .apps.predict_shards import parse_shard, predict_distributed, predict_shard
+
+    if args.shard is not None:
+        if _world_size() > 1:
+            raise ValueError("--shard is for independent processes; under torchrun the ranks are the parts")
+        shard = parse_shard(args.shard)
+        report = predict_shard(args.images, shard, **options)
+        print(f"part {shard[0]}/{shard[1]}: predicted {report.predicted} of its {len(report.shard_files)} images in "
+              f"{report.seconds:.1f} s, {report.resumed} already done; when all parts are done: "
+              f"mask2former predict-merge {args.out}")
+        return _report_errors(report.errors)
+    report, merged = predict_distributed(args.images, **options)
+    if _rank() == 0:
+        print(f"precision: {args.precision}; {merged['parts']} processes predicted {merged['images']} images (rank 0: "
+              f"{report.predicted} in {report.seconds:.1f} s, {report.resumed} already done); results in {args.out} "
+              f"({', '.join(p.name for p in merged['files'])})")
+        return _report_errors(merged["errors"])
+    return 1 if merged["errors"] else 0
+
+
+def cmd_predict_merge(args) -> int:
+    from .apps.predict_shards import merge_predictions
+
+    merged = merge_predictions(args.dirs, out=args.out, task=args.task)
+    print(f"merged {merged['parts']} parts: {merged['images']} images; results in {merged['out_dir']} "
+          f"({', '.join(p.name for p in merged['files'])})")
+    return _report_errors(merged["errors"])
 
 
 def cmd_export(args) -> int:
@@ -188,7 +248,7 @@ def cmd_data(args) -> int:
 
 
 COMMANDS = {
-    "train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "export": cmd_export, "serve": cmd_serve,
+    "train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "predict-merge": cmd_predict_merge, "export": cmd_export, "serve": cmd_serve,
     "data": cmd_data,
 }
 

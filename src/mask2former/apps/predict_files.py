@@ -32,6 +32,7 @@ from ..data.label_space import LabelSpace
 from ..evaluation.results_files import RESULT_FILES, ResultsWriter
 from ..viz import visualize
 from ..inference.predictor import ForwardOutput, Predictor
+from ..training.distributed import shard_range
 from .predict_pipeline import Buckets, Decoded, Gate, decoded_images, single_threaded_torch
 
 __all__ = ["PredictReport", "collect_images", "predict_files"]
@@ -50,6 +51,12 @@ class PredictReport:
     errors: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
     files: list[Path] = field(default_factory=list)
+    #: With ``shard``: the part's input files in order, the records of those finished, the classes and the number
+    #: of input files of all parts (what ``predict_shards`` writes into the part's manifest).
+    shard_files: list[Path] = field(default_factory=list)
+    records: list[dict[str, Any]] = field(default_factory=list)
+    label_space: LabelSpace | None = None
+    num_inputs: int = 0
 
     @property
     def images_per_second(self) -> float:
@@ -108,7 +115,7 @@ def predict_files(
     out_dir: str | Path = "predictions", device: str = "cpu", min_size: int | None = None,
     max_size: int | None = None, precision: str = "fp32", coco_json: str | Path | None = None,
     recursive: bool = False, batch_size: int = 4, workers: int | None = None, overlays: bool = True,
-    overwrite: bool = False, progress: bool | None = None, model: Any = None,
+    overwrite: bool = False, progress: bool | None = None, model: Any = None, shard: tuple[int, int] | None = None,
 ) -> PredictReport:
     """Segment ``images`` (files, folders, glob patterns) and write into ``out_dir`` per image
     ``<stem>_<task>.png`` (overlay, unless ``overlays=False``), the standard results files of ``task`` (see
@@ -117,7 +124,11 @@ def predict_files(
 
     ``batch_size`` images of the same padded size go through the model together; ``workers`` threads decode and
     write (default: up to 4). ``progress``: a progress bar on stderr (None: when stderr is a terminal). ``model``:
-    an already loaded model instead of ``checkpoint`` / ``onnx``."""
+    an already loaded model instead of ``checkpoint`` / ``onnx``.
+
+    ``shard=(i, n)``: predict only part ``i`` of ``n`` of the input files (``apps.predict_shards``, which writes the
+    results files once all parts are done); the report then holds the part's files and records, and no results
+    files are written here."""
     if batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
     workers = workers if workers is not None else min(4, os.cpu_count() or 1)
@@ -150,13 +161,15 @@ def predict_files(
     source = onnx or checkpoint
     signature = {"model": str(Path(source).resolve()) if source else type(model).__name__, "precision": precision,
                  "min_size": min_size, "max_size": max_size, "coco_json": str(coco_json) if coco_json else None}
-    _start_records(records_dir, signature, overwrite)
-    report = PredictReport(out_dir=out, errors=errors)
+    _start_records(records_dir, signature, overwrite, remove=shard is None)  # parts share the records folder
+    selected = range(len(paths)) if shard is None else shard_range(len(paths), *shard)
+    report = PredictReport(out_dir=out, errors=errors if shard is None or shard[0] == 0 else [])
 
     # Resume: an image is done when its record and every output file it names exist.
     records: dict[int, dict[str, Any]] = {}
     todo: list[int] = []
-    for index, stem in enumerate(stems):
+    for index in selected:
+        stem = stems[index]
         record = None if overwrite else _load_record(records_dir / f"{stem}.json", out, task, paths[index], overlays)
         if record is not None and record["summary"]["image_id"] == ids[index]:
             record["summary"]["file_name"] = str(paths[index])  # as this run names it
@@ -209,6 +222,11 @@ def predict_files(
     finally:
         bar.close()
     report.seconds = time.perf_counter() - started
+    if shard is not None:
+        report.shard_files = [paths[i] for i in selected]
+        report.records = [records[i] for i in sorted(records)]
+        report.label_space, report.num_inputs = label_space, len(paths)
+        return report
     report.files = _write_results(out, task, label_space, precision, [records[i] for i in sorted(records)],
                                   report.errors)
     return report
@@ -267,12 +285,13 @@ def _load_record(path: Path, out: Path, task: str, source: Path, overlays: bool)
     return record if all((out / name).is_file() for name in wanted) else None
 
 
-def _start_records(records_dir: Path, signature: dict[str, Any], overwrite: bool) -> None:
-    """Refuse to mix results of different models or settings in one folder (``overwrite`` starts afresh)."""
+def _start_records(records_dir: Path, signature: dict[str, Any], overwrite: bool, remove: bool = True) -> None:
+    """Refuse to mix results of different models or settings in one folder (``overwrite`` starts afresh; with
+    ``remove=False``, for parts of a run sharing the folder, it only lifts the check)."""
     run_file = records_dir / "run.json"
-    if overwrite and records_dir.exists():
+    if overwrite and remove and records_dir.exists():
         shutil.rmtree(records_dir)
-    if run_file.is_file():
+    if run_file.is_file() and not overwrite:
         try:
             previous = json.loads(run_file.read_text())
         except ValueError:

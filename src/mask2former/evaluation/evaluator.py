@@ -10,11 +10,14 @@ from typing import Any, Sequence
 import torch
 
 from ..config import TASKS, Config
+from ..data.image_io import one_line
 from ..data.label_space import LabelSpace
+from ..training.distributed import shard_range
+from . import sharding
 from .instance import InstanceEvaluator
 from .label_subset import LabelSubset
 from .panoptic import PanopticEvaluator
-from .results_files import ResultsWriter, SavedPredictions, file_stem
+from .results_files import ResultsWriter, SavedPredictions, file_stem, remove_results_files
 from .semantic import SemanticEvaluator
 
 
@@ -43,10 +46,41 @@ def evaluate_model(
         semantic_postprocess_before_inference=semantic_postprocess_before_inference,
     )
     evaluators = _make_evaluators(tasks, label_space, top_k)
+    # Under a process group (torchrun) each process takes a contiguous shard of whole batches (see sharding.py).
+    rank, world = sharding.process_group()
+    indices = shard_range(len(dataset), rank, world, batch_size)
+    sharding.warn_idle(len(dataset), -(-len(dataset) // batch_size), world, "evaluate")
+    if save_predictions and rank == 0:
+        remove_results_files(save_predictions)  # an earlier run's JSON must not look like this run's
     writer = ResultsWriter(save_predictions, label_space, tuple(evaluators)) if save_predictions else None
     start = time.perf_counter()
+    error = None
+    try:
+        _run_batches(predictor, dataset, indices, batch_size, evaluators, label_space, writer)
+    except Exception as failure:  # noqa: BLE001 - in a group, the other processes must hear of it (below)
+        if world == 1:
+            raise
+        error = one_line(failure)
+    finally:
+        model.train(was_training)
+    if world > 1:
+        sharding.check_no_failure(error, "evaluate")
+        parts = sharding.gather_to_main((evaluators, writer.state() if writer else None), "evaluate")
+        if rank == 0:
+            evaluators = _merge_parts(parts, writer)
+
+    def finish() -> dict[str, Any]:
+        if writer is not None:
+            writer.close()
+        return _finish(evaluators, time.perf_counter() - start, len(dataset))
+
+    return sharding.share_result(finish, "evaluate")
+
+
+def _run_batches(predictor, dataset, indices: range, batch_size: int, evaluators: dict[str, Any],
+                 label_space: LabelSpace, writer: ResultsWriter | None) -> None:
+    """Forward, match and (optionally) write the images ``indices`` of ``dataset``, ``batch_size`` at a time."""
     batch: list[dict[str, Any]] = []
-    indices = range(len(dataset))
     for position, index in enumerate(indices):
         batch.append(dataset[index])
         if len(batch) == batch_size or position == len(indices) - 1:
@@ -57,11 +91,17 @@ def evaluate_model(
                 if writer is not None:
                     writer.add(sample["image_id"], file_stem(sample["image_id"], sample.get("file_name")), result)
             batch = []
-    seconds = time.perf_counter() - start
-    model.train(was_training)
-    if writer is not None:
-        writer.close()
-    return _finish(evaluators, seconds, len(dataset))
+
+
+def _merge_parts(parts: list[Any], writer: ResultsWriter | None) -> dict[str, Any]:
+    """Rank 0: the evaluators (and results entries) of every process merged in rank order = data set order."""
+    merged, _ = parts[0]
+    for evaluators, state in parts[1:]:
+        for task, evaluator in merged.items():
+            evaluator.merge(evaluators[task])
+        if writer is not None:
+            writer.merge(state)
+    return merged
 
 
 def _check_tasks(tasks: Sequence[str]) -> None:
@@ -110,7 +150,22 @@ def evaluate_checkpoint(checkpoint: str, config: Config, tasks: Sequence[str] = 
                         out: str | None = None, precision: str = "fp32",
                         save_predictions: str | None = None) -> dict[str, Any]:
     """``mask2former evaluate``: the checkpoint on the validation split that ``config.data`` describes, at
-    ``precision`` (fp32 by default, as ``predict``: detectron2 evaluates without autocast too)."""
+    ``precision`` (fp32 by default, as ``predict``: detectron2 evaluates without autocast too).
+
+    Under ``torchrun`` every process evaluates its shard of the data (``device="cuda"`` = ``cuda:LOCAL_RANK``),
+    rank 0 merges and writes ``out``; every process returns the same result."""
+    from ..training.distributed import cleanup, init_distributed
+
+    context = init_distributed(device)
+    try:
+        return _evaluate_checkpoint(checkpoint, config, tasks, str(context.device), out if context.is_main else None,
+                                    precision, save_predictions)
+    finally:
+        cleanup(context)
+
+
+def _evaluate_checkpoint(checkpoint: str, config: Config, tasks: Sequence[str], device: str, out: str | None,
+                         precision: str, save_predictions: str | None) -> dict[str, Any]:
     from ..data.build import build_dataset
     from ..modeling.model import Mask2Former
 

@@ -242,6 +242,9 @@ class PanopticEvaluator:
         self.fp = np.zeros(self.num_classes, dtype=np.int64)
         self.fn = np.zeros(self.num_classes, dtype=np.int64)
         self.num_images = 0
+        # Each image's IoU sums, kept so that a merge re-adds them in image order: the same float sum, to the
+        # last bit, as one evaluator that saw all the images (K float64 per image).
+        self.image_iou: list[np.ndarray] = []
 
     def update(
         self,
@@ -255,6 +258,7 @@ class PanopticEvaluator:
         where = f"image {image_id!r}" if image_id is not None else f"image #{self.num_images}"
         stats = pq_stats_single(pred_map, pred_segments, gt_map, gt_segments, self.num_classes, where)
         self.iou += stats["iou"]
+        self.image_iou.append(stats["iou"])
         self.tp += stats["tp"]
         self.fp += stats["fp"]
         self.fn += stats["fn"]
@@ -266,10 +270,18 @@ class PanopticEvaluator:
         self.update(prediction[0], prediction[1], gt_map, gt_segments, sample.get("image_id"))
 
     def merge(self, other: "PanopticEvaluator") -> None:
-        """Add another evaluator's statistics (e.g. gathered from another process)."""
+        """Add another evaluator's statistics (e.g. gathered from another process), as if its images came after
+        this one's: the IoU sums are re-added image by image, so merged shards equal one pass bit for bit."""
         if other.num_classes != self.num_classes:
             raise ValueError(f"cannot merge evaluators with {other.num_classes} and {self.num_classes} classes")
-        self.iou += other.iou
+        if len(self.image_iou) == self.num_images and len(other.image_iou) == other.num_images:
+            self.image_iou.extend(other.image_iou)
+            total = np.zeros(self.num_classes, dtype=np.float64)
+            for row in self.image_iou:
+                total += row
+            self.iou = total
+        else:  # statistics without per-image rows (set by hand): plain sums
+            self.iou += other.iou
         self.tp += other.tp
         self.fp += other.fp
         self.fn += other.fn

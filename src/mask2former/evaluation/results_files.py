@@ -21,6 +21,7 @@ reverse) is a one-line error naming the file and the id.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -35,7 +36,7 @@ from ..data.image_io import read_label_png
 from ..data.label_space import LabelSpace
 from .instance import encode_masks
 
-__all__ = ["ResultsWriter", "SavedPredictions", "file_stem", "RESULT_FILES"]
+__all__ = ["ResultsWriter", "SavedPredictions", "file_stem", "remove_results_files", "RESULT_FILES"]
 
 # What marks a task's results in a predictions folder.
 RESULT_FILES = {"panoptic": "panoptic.json", "instance": "instances.json", "semantic": "semantic"}
@@ -124,21 +125,52 @@ class ResultsWriter:
             added["instance"] = self._instances[first_instance:]
         return added
 
+    def state(self) -> dict[str, Any]:
+        """The JSON entries and the ids and stems written so far: what :meth:`merge` takes (from another process's
+        writer into the same folder)."""
+        return {"panoptic": self._panoptic, "instances": self._instances, "image_ids": sorted(self._image_ids, key=str),
+                "stems": sorted(self._stems)}
+
+    def merge(self, state: Mapping[str, Any]) -> None:
+        """Append the entries of another writer's :meth:`state` (its PNGs are already in the folder); an image id
+        or stem written by both is an error, as within one writer."""
+        for key, seen, what in (("image_ids", self._image_ids, "image id"), ("stems", self._stems, "file stem")):
+            twice = seen.intersection(state[key])
+            if twice:
+                raise ValueError(f"results files: {what} {sorted(twice, key=str)[0]!r} written by two processes")
+            seen.update(state[key])
+        self._panoptic.extend(state["panoptic"])
+        self._instances.extend(state["instances"])
+
     def close(self) -> dict[str, Path]:
-        """Write the JSON files; returns ``{task: path}`` of what holds each task's results."""
+        """Write the JSON files (each via a temporary name and a rename: an interrupted run leaves none that looks
+        complete); returns ``{task: path}`` of what holds each task's results."""
         written: dict[str, Path] = {}
         if "panoptic" in self.tasks:
             path = self.out_dir / RESULT_FILES["panoptic"]
-            path.write_text(json.dumps({"annotations": self._panoptic,
-                                        "categories": self.label_space.to_coco_categories()}))
+            _atomic_write(path, json.dumps({"annotations": self._panoptic,
+                                            "categories": self.label_space.to_coco_categories()}))
             written["panoptic"] = path
         if "instance" in self.tasks:
             path = self.out_dir / RESULT_FILES["instance"]
-            path.write_text(json.dumps(self._instances))
+            _atomic_write(path, json.dumps(self._instances))
             written["instance"] = path
         if "semantic" in self.tasks:
             written["semantic"] = self.out_dir / "semantic"
         return written
+
+
+def remove_results_files(out_dir: str | Path) -> None:
+    """Delete the results JSONs of an earlier run in ``out_dir`` (before a run that rewrites the folder), so that a
+    run that stops half way leaves no JSON that looks like its complete results."""
+    for task in ("panoptic", "instance"):
+        (Path(out_dir) / RESULT_FILES[task]).unlink(missing_ok=True)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
 
 
 def _load_json(path: Path) -> Any:

@@ -52,6 +52,19 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
 
 
+def _env_float(name: str, default: float) -> float:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        result = float(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} is not a number") from None
+    if result <= 0:
+        raise ValueError(f"environment variable {name}={value!r} must be positive")
+    return result
+
+
 def default_device(local_rank: int = 0) -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", local_rank % torch.cuda.device_count())
@@ -62,7 +75,8 @@ def init_distributed(device: str | torch.device | None = None, timeout_minutes: 
     """Join the process group described by torchrun's environment variables (or reuse an initialised one).
 
     ``device``: ``None`` picks ``cuda:LOCAL_RANK`` when CUDA is available, else CPU. The backend is NCCL for CUDA
-    devices and gloo otherwise."""
+    devices and gloo otherwise. ``timeout_minutes``: how long a collective waits for a missing process before it
+    fails (environment ``MASK2FORMER_DIST_TIMEOUT_MINUTES`` overrides it, e.g. to fail fast in a job array)."""
     if dist.is_available() and dist.is_initialized():
         rank, world_size = dist.get_rank(), dist.get_world_size()
         local_rank = _env_int("LOCAL_RANK", rank)
@@ -88,6 +102,7 @@ def init_distributed(device: str | torch.device | None = None, timeout_minutes: 
         if name not in os.environ:
             raise ValueError(f"WORLD_SIZE={world_size} but {name} is not set; launch with torchrun")
     backend = "nccl" if device.type == "cuda" else "gloo"
+    timeout_minutes = _env_float("MASK2FORMER_DIST_TIMEOUT_MINUTES", timeout_minutes)
     dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(minutes=timeout_minutes))
     return DistributedContext(rank, world_size, local_rank, device, owns_process_group=True)
@@ -144,6 +159,33 @@ def all_gather_object(obj: Any) -> list[Any]:
     gathered: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, obj)
     return gathered
+
+
+def gather_object(obj: Any, dst: int = 0) -> list[Any] | None:
+    """List of ``obj`` from every process, by rank, on process ``dst``; None on the others."""
+    if not is_distributed():
+        return [obj]
+    gathered: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == dst else None
+    dist.gather_object(obj, gathered, dst=dst)
+    return gathered
+
+
+def shard_range(length: int, index: int, count: int, block: int = 1) -> range:
+    """Part ``index`` of ``count`` of ``range(length)``: contiguous, in whole blocks of ``block`` items (the last
+    block may be short), spread as evenly as the blocks allow (the first ``blocks % count`` parts get one more).
+    The parts in index order concatenate to ``range(length)``; with more parts than blocks the last ones are empty.
+
+    Contiguous parts keep a merge in rank order equal to the one-process order, and ``block`` = the batch size
+    keeps every batch the one a single process would run."""
+    if count < 1 or not 0 <= index < count:
+        raise ValueError(f"shard {index} of {count}: need 0 <= index < count")
+    if block < 1:
+        raise ValueError(f"shard block size must be >= 1, got {block}")
+    blocks = -(-length // block)
+    base, extra = divmod(blocks, count)
+    first = index * base + min(index, extra)
+    last = first + base + (1 if index < extra else 0)
+    return range(min(first * block, length), min(last * block, length))
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:

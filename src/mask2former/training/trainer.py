@@ -77,7 +77,8 @@ class Trainer(TrainStateMixin):
         label_space: the classes; default: the data set's ``label_space`` or ``config.labels``.
         criterion: default ``training.build.build_criterion`` (``SetCriterion`` from ``config.loss``).
         evaluate_fn: ``evaluate_fn(model, val_dataset) -> dict`` of metrics, called (model in eval mode, no grad) every
-            ``train.eval_period`` iterations and at the end, on rank 0 only; None = no evaluation.
+            ``train.eval_period`` iterations and at the end, on every process (``evaluate_model`` shards the data
+            over them; rank 0's result is logged); None = no evaluation.
         best_metric, best_mode: metric tracked for ``model_best/`` (default by ``test.task``: PQ, mIoU or AP; "max").
         device: default ``cuda:LOCAL_RANK`` if CUDA is available, else CPU.
         callbacks: :class:`Callback` objects.
@@ -408,18 +409,22 @@ class Trainer(TrainStateMixin):
 
     # ----------------------------------------------------------------------------------------------- evaluation
     def evaluate(self) -> dict[str, Any] | None:
-        """Run ``evaluate_fn`` on rank 0 (others wait), log the metrics, update ``model_best/``."""
-        metrics = None
+        """Run ``evaluate_fn`` on every process, log rank 0's metrics, update ``model_best/``.
+
+        ``evaluate_fn`` runs on all processes together: one built on ``evaluation.evaluate_model`` (the default)
+        shards the validation set over them and returns the same metrics on each (``evaluation/sharding.py``); a
+        function that uses no collectives simply repeats its work on each process, and rank 0's result counts."""
+        was_training = self.model.training
+        self.model.eval()
+        devices = [self.device.index] if self.device.type == "cuda" else []
+        start = time.perf_counter()
+        # Evaluation must not move the training random streams (exact resume across eval points).
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            metrics = self.evaluate_fn(self.model, self.val_dataset)
+        self.model.train(was_training)
+        metrics = None if not self.is_main else (
+            dict(metrics.get("metrics", metrics)) if isinstance(metrics, dict) else {"value": metrics})
         if self.is_main:
-            was_training = self.model.training
-            self.model.eval()
-            devices = [self.device.index] if self.device.type == "cuda" else []
-            start = time.perf_counter()
-            # Evaluation must not move the training random streams (exact resume across eval points).
-            with torch.random.fork_rng(devices=devices), torch.no_grad():
-                metrics = self.evaluate_fn(self.model, self.val_dataset)
-            self.model.train(was_training)
-            metrics = dict(metrics.get("metrics", metrics)) if isinstance(metrics, dict) else {"value": metrics}
             flat = flatten_numbers(metrics)
             self.log.write_row({"step": self.step, "eval": flat, "eval_seconds": time.perf_counter() - start,
                                 "time": time.time()})
