@@ -56,7 +56,7 @@ def evaluate_model(
     start = time.perf_counter()
     error = None
     try:
-        _run_batches(predictor, dataset, indices, batch_size, evaluators, label_space, writer)
+        _run_batches(predictor, dataset, indices, batch_size, evaluators, label_space, writer, label_subset)
     except Exception as failure:  # noqa: BLE001 - in a group, the other processes must hear of it (below)
         if world == 1:
             raise
@@ -78,7 +78,7 @@ def evaluate_model(
 
 
 def _run_batches(predictor, dataset, indices: range, batch_size: int, evaluators: dict[str, Any],
-                 label_space: LabelSpace, writer: ResultsWriter | None) -> None:
+                 label_space: LabelSpace, writer: ResultsWriter | None, label_subset: LabelSubset | None) -> None:
     """Forward, match and (optionally) write the images ``indices`` of ``dataset``, ``batch_size`` at a time."""
     batch: list[dict[str, Any]] = []
     for position, index in enumerate(indices):

@@ -409,11 +409,8 @@ class Trainer(TrainStateMixin):
 
     # ----------------------------------------------------------------------------------------------- evaluation
     def evaluate(self) -> dict[str, Any] | None:
-        """Run ``evaluate_fn`` on every process, log rank 0's metrics, update ``model_best/``.
-
-        ``evaluate_fn`` runs on all processes together: one built on ``evaluation.evaluate_model`` (the default)
-        shards the validation set over them and returns the same metrics on each (``evaluation/sharding.py``); a
-        function that uses no collectives simply repeats its work on each process, and rank 0's result counts."""
+        """Run ``evaluate_fn`` on every process (``evaluate_model`` shards the data over them; one without
+        collectives repeats its work on each), log rank 0's metrics, update ``model_best/``."""
         was_training = self.model.training
         self.model.eval()
         devices = [self.device.index] if self.device.type == "cuda" else []
