@@ -78,7 +78,7 @@ class Trainer(TrainStateMixin):
         criterion: default ``training.build.build_criterion`` (``SetCriterion`` from ``config.loss``).
         evaluate_fn: ``evaluate_fn(model, val_dataset) -> dict`` of metrics, called (model in eval mode, no grad) every
             ``train.eval_period`` iterations and at the end, on every process (``evaluate_model`` shards the data
-            over them; rank 0's result is logged); None = no evaluation.
+            over them; a function without collectives repeats its work on each); None = no evaluation.
         best_metric, best_mode: metric tracked for ``model_best/`` (default by ``test.task``: PQ, mIoU or AP; "max").
         device: default ``cuda:LOCAL_RANK`` if CUDA is available, else CPU.
         callbacks: :class:`Callback` objects.
@@ -409,8 +409,7 @@ class Trainer(TrainStateMixin):
 
     # ----------------------------------------------------------------------------------------------- evaluation
     def evaluate(self) -> dict[str, Any] | None:
-        """Run ``evaluate_fn`` on every process (``evaluate_model`` shards the data over them; one without
-        collectives repeats its work on each), log rank 0's metrics, update ``model_best/``."""
+        """Run ``evaluate_fn`` on every process (see the class doc), log rank 0's metrics, update ``model_best/``."""
         was_training = self.model.training
         self.model.eval()
         devices = [self.device.index] if self.device.type == "cuda" else []
