@@ -35,6 +35,7 @@ from mask2former.evaluation.instance import InstanceEvaluator
 from mask2former.evaluation.panoptic import PanopticEvaluator
 from mask2former.evaluation.semantic import SemanticEvaluator
 from mask2former.inference.postprocess import batch_postprocess
+from mask2former.inference.predictor import _to_cpu  # the same device-to-CPU copy as the Predictor
 
 RESULTS = Path(__file__).resolve().parent / "results" / "coco_eval_costs.json"
 CLASSES, THINGS, QUERIES = 133, 80, 100
@@ -166,16 +167,6 @@ def project(costs: dict, num_images: int = 5000, gpus: tuple[int, ...] = (1, 8))
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _to_cpu(result):
-    if isinstance(result, torch.Tensor):
-        return result.cpu()
-    if isinstance(result, tuple):
-        return tuple(_to_cpu(r) for r in result)
-    if isinstance(result, dict):
-        return {k: _to_cpu(v) for k, v in result.items()}
-    return result
 
 
 if __name__ == "__main__":

@@ -9,17 +9,14 @@ from mask2former.cli import main
 from mask2former.data import FashionScenes
 from mask2former.modeling.model import Mask2Former
 
-from test_train import TINY
+from test_train import TINY, train_tiny
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A tiny model trained for 2 steps by `mask2former train` itself."""
     out = tmp_path_factory.mktemp("run")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    assert main(["train", *TINY, f"train.output_dir={out}"]) == 0
-    torch.set_num_threads(threads)
+    train_tiny(out)
     assert (out / "curves.png").exists() and len(list((out / "overlays").glob("*.png"))) == 2
     return out / "model_final"
 

@@ -16,7 +16,7 @@ import torch
 from mask2former.cli import main
 
 from test_backbone_weights import TINY_SWIN, _official_swin_state
-from test_train import TINY
+from test_train import train_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 MARKER = "<!-- example: run by tests/test_doc_examples.py -->"
@@ -33,10 +33,7 @@ def examples(document: str) -> list[tuple[str, str]]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("work")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    assert main(["train", *TINY, f"train.output_dir={folder / 'runs' / 'fashion_scenes'}"]) == 0
-    torch.set_num_threads(threads)
+    train_tiny(folder / 'runs' / 'fashion_scenes')
     return folder / "runs"
 
 

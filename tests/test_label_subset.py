@@ -22,7 +22,7 @@ from mask2former.evaluation.label_subset import LabelSubset
 from mask2former.evaluation.semantic import SemanticEvaluator
 from mask2former.modeling.model import Mask2Former
 
-from test_train import TINY
+from test_train import TINY, train_tiny
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from score_with_standard_tools import mask_ap  # noqa: E402
@@ -115,10 +115,7 @@ def test_semantic_no_class_pixels_are_misses():
 def fashion_model(tmp_path_factory):
     """The default (FashionScenes) model, trained for 2 steps by `mask2former train`."""
     out = tmp_path_factory.mktemp("run")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    assert main(["train", *TINY, f"train.output_dir={out}"]) == 0
-    torch.set_num_threads(threads)
+    train_tiny(out)
     return out / "model_final"
 
 

@@ -19,6 +19,18 @@ TINY = [
 ]
 
 
+def train_tiny(output_dir) -> None:
+    """`mask2former train` on the TINY preset into ``output_dir``, with one torch thread."""
+    from mask2former.cli import main
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(["train", *TINY, f"train.output_dir={output_dir}"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def one_thread():
     threads = torch.get_num_threads()

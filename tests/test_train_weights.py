@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from test_train import TINY
+from test_train import TINY, one_thread  # noqa: F401 - the autouse fixture
 
 from mask2former.apps.train import run_train
 from mask2former.config import load_config
@@ -14,12 +14,6 @@ from mask2former.training.trainer import Trainer
 FAST = TINY + ["data.num_val_images=0", "train.checkpoint_period=1", "solver.max_iter=2"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def checkpoint_with_renamed_class(path, seed, num_queries=6):

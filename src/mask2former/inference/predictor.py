@@ -226,6 +226,7 @@ class Predictor:
 
 
 def _to_cpu(result: Any) -> Any:
+    """Tensors (also inside tuples and dicts) copied to the CPU."""
     if isinstance(result, Tensor):
         return result.cpu()
     if isinstance(result, tuple):
