@@ -1,6 +1,6 @@
-"""``mask2former`` command line: train, evaluate, predict, export, serve, data export.
+"""mask2former command line: train, evaluate, predict, export, serve, data export.
 
-Every command takes ``--config`` (a preset name or YAML file) and ``key=value`` overrides. Errors are one line on
+Every command takes --config (a preset name or YAML file) and key=value overrides. Errors are one line on
 stderr with a non-zero exit code (``--debug`` shows the traceback).
 """
 
@@ -20,12 +20,22 @@ def _add_config_args(parser: argparse.ArgumentParser, default: str | None = DEFA
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. solver.max_iter=100")
 
 
+def _presets() -> list[str]:
+    from .config import PRESET_DIR
+
+    return sorted(path.stem for path in PRESET_DIR.glob("*.yaml") if not path.stem.startswith("_"))
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="mask2former", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    train = commands.add_parser("train", help="train a model (default: the CPU FashionScenes preset)")
+    train = commands.add_parser("train", help="train a model (default: the CPU FashionScenes preset)",
+                                epilog="presets (src/mask2former/configs/): " + ", ".join(_presets()))
     _add_config_args(train)
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint in train.output_dir")
 
@@ -50,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "'dir/**/*.png')")
     source = predict.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="checkpoint directory or detectron2 .pkl")
-    source.add_argument("--onnx", help="an ONNX model written by `mask2former export` (with its config.yaml beside it)")
+    source.add_argument("--onnx", help="an ONNX model written by 'mask2former export' (with its config.yaml beside "
+                                        "it); it runs at the precision it was exported with (fp32 or int8)")
     predict.add_argument("--task", default="panoptic", choices=TASKS)
     predict.add_argument("--out", default="predictions", help="output directory")
     predict.add_argument("--device", default="cpu")
@@ -65,7 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--workers", type=int, default=None, help="threads decoding images and writing outputs "
                                                                    "(default: up to 4)")
     predict.add_argument("--no-overlays", dest="overlays", action="store_false",
-                         help="write only the results files, no overlay PNGs")
+                         help="write only the results files, no overlay pictures")
+    predict.add_argument("--overlay-format", default="png", choices=["png", "jpg"],
+                         help="overlay pictures as PNG (default) or JPEG (quality 90, several times cheaper to encode)")
     predict.add_argument("--overwrite", action="store_true",
                          help="predict every image again (default: skip images whose outputs exist)")
     predict.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
@@ -127,9 +140,9 @@ def cmd_evaluate(args) -> int:
         metrics = evaluate_predictions(args.predictions, _load_config(args), tasks=tasks, out=args.out)
         print(f"scored the results files in {args.predictions} ({', '.join(metrics['details'])})")
     else:
-        print(f"precision: {args.precision}")
         metrics = evaluate_checkpoint(args.checkpoint, _load_config(args), tasks=tasks, device=args.device,
                                       out=args.out, precision=args.precision, save_predictions=args.save_predictions)
+        print(f"precision: {args.precision}")  # after the run: a failed one prints its error line only
     print(metrics["table"])
     if args.out:
         print(f"metrics written to {args.out}")
@@ -141,15 +154,15 @@ def cmd_evaluate(args) -> int:
 def cmd_predict(args) -> int:
     from .apps.predict_files import predict_files
 
-    print(f"precision: {args.precision}")
     report = predict_files(
         args.images, checkpoint=args.checkpoint, onnx=args.onnx, task=args.task, out_dir=args.out, device=args.device,
         min_size=args.min_size, max_size=args.max_size, precision=args.precision, coco_json=args.coco_json,
         recursive=args.recursive, batch_size=args.batch_size, workers=args.workers, overlays=args.overlays,
-        overwrite=args.overwrite, progress=args.progress,
+        overwrite=args.overwrite, progress=args.progress, overlay_format=args.overlay_format,
     )
-    print(f"predicted {report.predicted} images in {report.seconds:.1f} s ({report.images_per_second:.2f} images/s), "
-          f"{report.resumed} already done; results in {args.out} ({', '.join(p.name for p in report.files)})")
+    print(f"predicted {report.predicted} images in {report.seconds:.1f} s ({report.images_per_second:.2f} images/s, "
+          f"precision {report.precision}), {report.resumed} already done; results in {args.out} "
+          f"({', '.join(p.name for p in report.files)})")
     if report.errors:
         print(f"mask2former predict: error: {len(report.errors)} input(s) failed and were skipped:", file=sys.stderr)
         for name, message in report.errors:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -10,6 +9,7 @@ from typing import Any, Sequence
 import torch
 
 from ..config import TASKS, Config
+from ..data.json_io import dumps
 from ..data.label_space import LabelSpace
 from .instance import InstanceEvaluator
 from .panoptic import PanopticEvaluator
@@ -161,8 +161,9 @@ def _dataset_image_ids(dataset) -> list[Any]:
 def _write_metrics(result: dict[str, Any], out: str | None) -> None:
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps({"metrics": result["metrics"], "details": _jsonable(result["details"]),
-                                         "num_images": result["num_images"], "seconds": result["seconds"]}, indent=1))
+        # Undefined metrics (NaN: no ground truth of a kind) are null, as in metrics.jsonl (data.json_io).
+        Path(out).write_text(dumps({"metrics": result["metrics"], "details": _jsonable(result["details"]),
+                                    "num_images": result["num_images"], "seconds": result["seconds"]}, indent=1))
 
 
 def _jsonable(value: Any) -> Any:

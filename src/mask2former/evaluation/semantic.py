@@ -3,7 +3,7 @@
 ``IoU_c = TP_c / (GT_c + Pred_c - TP_c)`` over non-ignored pixels. A class that appears neither in the
 ground truth nor in the predictions has an undefined IoU (NaN) and is left out of mIoU; mean accuracy
 averages over classes present in the ground truth (the detectron2 ``SemSegEvaluator`` / mmseg rules).
-Results are fractions in [0, 1] (undefined values are NaN, which ``json.dumps`` writes as ``NaN``);
+Results are fractions in [0, 1] (undefined values are NaN, written to JSON files as null: ``data.json_io``);
 ``format_table`` prints percentages.
 """
 

@@ -24,6 +24,7 @@ encoding run in worker threads, off the event loop.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import socket
@@ -44,6 +45,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.schemas import SchemaGenerator
 
+from ..data.json_io import dumps
 from ..inference.predictor import Predictor
 from ..modeling.model import Mask2Former
 from .batching import BatchingPredictor
@@ -141,7 +143,7 @@ def _render(service: SegmentationService, image: Any, outcome: Any, task: str, s
     response = service.describe(image, outcome.result, task, score_threshold, overlay, legend)
     response["inference_ms"] = outcome.inference_ms
     response["batch_size"] = outcome.batch_size
-    return json.dumps(response).encode("utf-8")
+    return dumps(response).encode("utf-8")
 
 
 async def predict(request: Request) -> Response:
@@ -195,6 +197,20 @@ async def openapi(request: Request) -> Response:
     return _json_bytes(200, json.dumps(_SCHEMAS.get_schema(request.app.routes)).encode("utf-8"))
 
 
+def _favicon() -> bytes:
+    """A 32x32 icon drawn here (no binary file in the package): four coloured segments, as the overlays show them."""
+    from PIL import Image, ImageDraw
+
+    icon = Image.new("RGBA", (32, 32), (0, 0, 0, 0))
+    draw = ImageDraw.Draw(icon)
+    for box, color in (((1, 1, 15, 15), (220, 20, 60)), ((17, 1, 31, 15), (0, 130, 200)),
+                       ((1, 17, 15, 31), (60, 180, 75)), ((17, 17, 31, 31), (255, 180, 0))):
+        draw.rounded_rectangle(box, radius=3, fill=color + (255,))
+    buffer = io.BytesIO()
+    icon.save(buffer, format="ICO", sizes=[(32, 32)])
+    return buffer.getvalue()
+
+
 def create_app(
     service: SegmentationService,
     loopback_only: bool = True,
@@ -211,6 +227,12 @@ def create_app(
 
     async def page(request: Request) -> Response:
         return static_response("index.html")
+
+    icon = _favicon()
+
+    async def favicon(request: Request) -> Response:
+        return Response(icon, headers={"Cache-Control": "max-age=86400", "X-Content-Type-Options": "nosniff"},
+                        media_type="image/x-icon")
 
     async def static_file(request: Request) -> Response:
         name = request.path_params["name"]
@@ -232,6 +254,7 @@ def create_app(
         Route("/", page, methods=["GET"], include_in_schema=False),
         Route("/index.html", page, methods=["GET"], include_in_schema=False),
         Route("/static/{name}", static_file, methods=["GET"], include_in_schema=False),
+        Route("/favicon.ico", favicon, methods=["GET"], include_in_schema=False),
         Route("/api/health", health, methods=["GET"]),
         Route("/api/classes", classes, methods=["GET"]),
         Route("/api/predict", predict, methods=["POST"]),

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import io
+import re
 import threading
 import time
 from typing import Any
@@ -49,7 +50,7 @@ def decode_image(data: bytes, max_pixels: int) -> torch.Tensor:
     try:
         image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as error:
-        raise ApiError(413, f"image too large: {one_line(error)}") from None
+        raise _too_many_pixels(error, max_pixels) from None
     except UnidentifiedImageError:
         raise ApiError(400, "cannot decode image: not a recognised image format") from None
     except (OSError, SyntaxError, ValueError) as error:
@@ -63,10 +64,18 @@ def decode_image(data: bytes, max_pixels: int) -> torch.Tensor:
         image.load()
         array = to_rgb_array(ImageOps.exif_transpose(image))
     except Image.DecompressionBombError as error:
-        raise ApiError(413, f"image too large: {one_line(error)}") from None
+        raise _too_many_pixels(error, max_pixels) from None
     except (OSError, SyntaxError, ValueError, EOFError) as error:
         raise ApiError(400, f"truncated or corrupt image: {one_line(error)}") from None
     return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).contiguous()
+
+
+def _too_many_pixels(error: Exception, max_pixels: int) -> ApiError:
+    """413 naming the server's limit for an image PIL refused as a decompression bomb (its own, far higher limit):
+    the client should learn the limit that applies to it, whichever check saw the image first."""
+    counts = [int(number) for number in re.findall(r"\((\d+) pixels\)", str(error))]
+    size = f"{counts[0]} pixels" if counts else "too many pixels"
+    return ApiError(413, f"image has {size}; the limit is {max_pixels} pixels")
 
 
 def parse_options(options: dict[str, str]) -> tuple[str, float, bool, bool]:
