@@ -35,7 +35,7 @@ from ..viz import visualize
 from ..inference.predictor import ForwardOutput, Predictor
 from .predict_pipeline import Buckets, Decoded, Gate, decoded_images, single_threaded_torch
 
-__all__ = ["PredictReport", "collect_images", "predict_files"]
+__all__ = ["PredictReport", "collect_images", "predict_files", "summary_entry", "image_id_of"]
 
 RECORDS_DIR = ".predict"
 OVERLAY_FORMATS = ("png", "jpg")
@@ -264,7 +264,16 @@ def _write_outputs(out: Path, records_dir: Path, task: str, label_space: LabelSp
     added = ResultsWriter(out, label_space, (task,)).add(image_id, stem, {task: result})
     if task in ("panoptic", "semantic"):
         outputs.append(f"{task}/{stem}.png")
-    summary: dict[str, Any] = {"file_name": str(path), "image_id": image_id, "height": int(image.shape[1]),
+    summary = summary_entry(task, label_space, str(path), image_id, image, result)
+    record = {"source": _source_key(path), "outputs": outputs, "summary": summary, "results": added.get(task)}
+    _atomic_write(records_dir / f"{stem}.json", dumps(record))
+    return record
+
+
+def summary_entry(task: str, label_space: LabelSpace, file_name: str, image_id: Any, image: Tensor,
+                  result: Any) -> dict[str, Any]:
+    """One image's entry of ``summary.json`` (``serve`` answers the same entry for an upload)."""
+    summary: dict[str, Any] = {"file_name": file_name, "image_id": image_id, "height": int(image.shape[1]),
                                "width": int(image.shape[2])}
     if task == "semantic":
         summary["classes"] = sorted({label_space.names[i] for i in result.unique().tolist()})
@@ -280,9 +289,7 @@ def _write_outputs(out: Path, records_dir: Path, task: str, label_space: LabelSp
              "score": float(score), "bbox_xyxy": [float(v) for v in box]}
             for label, score, box in zip(result["labels"], result["scores"], result["boxes"])
         ]
-    record = {"source": _source_key(path), "outputs": outputs, "summary": summary, "results": added.get(task)}
-    _atomic_write(records_dir / f"{stem}.json", dumps(record))
-    return record
+    return summary
 
 
 def _load_record(path: Path, out: Path, task: str, source: Path, overlays: str | None) -> dict[str, Any] | None:
@@ -379,6 +386,11 @@ def _image_id(path: Path, image_ids: dict[str, Any] | None, coco_json: Any) -> A
         if path.name not in image_ids:
             raise ValueError(f"{coco_json}: no image with file name {path.name!r} (for {path})")
         return image_ids[path.name]
+    return image_id_of(path)
+
+
+def image_id_of(path: Path) -> Any:
+    """The image id of a file without a COCO JSON: its stem, an int when numeric (as COCO names its files)."""
     return int(path.stem) if path.stem.isdigit() else path.stem
 
 

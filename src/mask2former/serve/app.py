@@ -8,7 +8,9 @@ Routes:
 - ``POST /api/predict?task=panoptic`` — the image as the raw body (``Content-Type: image/*`` or
   ``application/octet-stream``) or as the ``image`` file field of a ``multipart/form-data`` form (which may also carry
   ``task``); optional ``score_threshold`` (instance task, default 0.5), ``overlay=0`` (leave the PNG out) and
-  ``legend=0`` (draw the PNG without its legend panel; the page shows the legend itself).
+  ``legend=0`` (draw the PNG without its legend panel), ``layers=1`` (add what the page draws itself:
+  ``regions_png``, each pixel's table row + 1 in red + 256 x green, and ``labels``, the overlay's label layout) and
+  ``record=FILE_NAME`` (add ``record``: the summary and results entries ``mask2former predict`` writes for that file).
   Answers ``{task, width, height, segments | instances | classes, legend, overlay_png (a data: URL), inference_ms,
   batch_size}``;
 - ``GET /api/openapi.json`` — the OpenAPI description of the three API routes.
@@ -50,7 +52,7 @@ from ..inference.predictor import Predictor
 from ..modeling.model import Mask2Former
 from .batching import BatchingPredictor
 from .service import (
-    DEFAULT_MAX_PIXELS, DEFAULT_MAX_UPLOAD_BYTES, ApiError, SegmentationService, parse_options,
+    DEFAULT_MAX_PIXELS, DEFAULT_MAX_UPLOAD_BYTES, ApiError, SegmentationService, parse_options, parse_page_options,
 )
 from .uploads import DEFAULT_BODY_TIMEOUT_S, read_body, upload_from_body
 
@@ -139,8 +141,8 @@ async def classes(request: Request) -> Response:
 
 
 def _render(service: SegmentationService, image: Any, outcome: Any, task: str, score_threshold: float,
-            overlay: bool, legend: bool) -> bytes:
-    response = service.describe(image, outcome.result, task, score_threshold, overlay, legend)
+            overlay: bool, legend: bool, layers: bool = False, record: str | None = None) -> bytes:
+    response = service.describe(image, outcome.result, task, score_threshold, overlay, legend, layers, record)
     response["inference_ms"] = outcome.inference_ms
     response["batch_size"] = outcome.batch_size
     return dumps(response).encode("utf-8")
@@ -158,6 +160,8 @@ async def predict(request: Request) -> Response:
       - {name: score_threshold, in: query, schema: {type: number, minimum: 0, maximum: 1, default: 0.5}}
       - {name: overlay, in: query, description: 0 leaves the overlay PNG out, schema: {type: string, default: '1'}}
       - {name: legend, in: query, description: 0 draws the PNG without a legend, schema: {type: string, default: '1'}}
+      - {name: layers, in: query, description: 1 adds regions_png and labels, schema: {type: string, default: '0'}}
+      - {name: record, in: query, description: the file name for predict's record, schema: {type: string}}
     requestBody:
       required: true
       content:
@@ -184,9 +188,11 @@ async def predict(request: Request) -> Response:
     data, fields = await upload_from_body(request, body)
     options = {**fields, **dict(request.query_params)}  # the query string wins over form fields
     task, score_threshold, overlay, legend = parse_options(options)
+    layers, record = parse_page_options(options)
     image = await run_in_threadpool(service.decode, data)
     outcome = await state.batcher.predict(image, task)
-    payload = await run_in_threadpool(_render, service, image, outcome, task, score_threshold, overlay, legend)
+    payload = await run_in_threadpool(_render, service, image, outcome, task, score_threshold, overlay, legend,
+                                      layers, record)
     return _json_bytes(200, payload)
 
 
