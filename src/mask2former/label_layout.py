@@ -35,7 +35,7 @@ _COMPONENTS = 3  # components of a segment that get candidates (largest first)
 _POINTS_PER_COMPONENT = 10
 _RINGS = (0.5, 1.5, 3.0, 5.0, 8.0)  # leader ring radii, in label heights beyond the box's half extent
 _DIRECTIONS = 16
-_MAX_EDT_SIDE = 192  # the distance transform runs on a strided crop at most this long on a side
+_MAX_EDT_SIDE = 256  # components and depths are found on a crop subsampled to at most this long a side
 
 
 @dataclass(frozen=True)
@@ -68,42 +68,41 @@ def boxes_intersect(a: Box, b: Box, gap: int = 0) -> bool:
     return a[0] < b[2] + gap and b[0] < a[2] + gap and a[1] < b[3] + gap and b[1] < a[3] + gap
 
 
-def _inside_points(mask: np.ndarray, spacing: float) -> list[list[tuple[float, float]]]:
+def _inside_points(mask: np.ndarray, spacing: float, offset: tuple[int, int]) -> list[list[tuple[float, float]]]:
     """Candidate (x, y) points in image pixels, a list per component (largest first): its deepest points, spread
-    apart."""
-    components, count = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
-    if count == 0:
-        return []
+    apart. ``mask`` is the segment's bounding-box crop, at ``offset`` = (x, y) in the image. A large crop is looked
+    at every ``stride`` pixels (components and depths of a subsampled mask: candidates need not be exact)."""
+    stride = max(1, math.ceil(max(mask.shape) / _MAX_EDT_SIDE))
+    small = mask[::stride, ::stride]
+    if stride > 1 and not small.any():
+        stride, small = 1, mask  # a thin segment the subsampling misses
+    components, count = ndimage.label(small, structure=np.ones((3, 3), dtype=bool))
     sizes = np.bincount(components.ravel())[1:]
     slices = ndimage.find_objects(components)
+    cell = max(spacing / stride, 1.0)
     points: list[list[tuple[float, float]]] = []
     for component in np.argsort(-sizes, kind="stable")[:_COMPONENTS]:
         rows, cols = slices[component]
-        crop = components[rows, cols] == component + 1
-        stride = max(1, math.ceil(max(crop.shape) / _MAX_EDT_SIDE))
-        small = np.pad(crop[::stride, ::stride], 1)  # the crop's edge is the component's outside
-        depth = ndimage.distance_transform_edt(small)[1:-1, 1:-1]
+        crop = np.pad(components[rows, cols] == component + 1, 1)  # the crop's edge is the component's outside
+        depth = ndimage.distance_transform_edt(crop)[1:-1, 1:-1]
         ys, xs = np.nonzero(depth)
-        order = np.argsort(-depth[ys, xs], kind="stable")[:4000]
-        chosen: list[tuple[float, float]] = []
-        for k in order:
-            # pixel centres, in image coordinates
-            x = cols.start + xs[k] * stride + 0.5
-            y = rows.start + ys[k] * stride + 0.5
-            if all((x - cx) ** 2 + (y - cy) ** 2 >= spacing ** 2 for cx, cy in chosen):
-                chosen.append((x, y))
-                if len(chosen) == _POINTS_PER_COMPONENT:
-                    break
-        points.append(chosen)
+        order = np.argsort(-depth[ys, xs], kind="stable")
+        # spread apart: the deepest point of each grid cell of side ``spacing``, the deepest cells first
+        cells = (ys[order] // cell).astype(np.int64) * (1 << 20) + (xs[order] // cell).astype(np.int64)
+        _, first = np.unique(cells, return_index=True)
+        picked = order[np.sort(first)[:_POINTS_PER_COMPONENT]]
+        # pixel centres, in image coordinates
+        points.append([(offset[0] + (cols.start + xs[k]) * stride + 0.5, offset[1] + (rows.start + ys[k]) * stride + 0.5)
+                       for k in picked])
     return points
 
 
-def _coverage(table: np.ndarray, box: Box, scale: int) -> float:
-    """The fraction of ``box`` (canvas pixels) on the mask whose summed-area ``table`` is given."""
+def _coverage(crop: np.ndarray, box: Box, scale: int, offset: tuple[int, int]) -> float:
+    """The fraction of ``box`` (canvas pixels) on the mask whose bounding-box crop at ``offset`` is ``crop``."""
     x0, y0 = box[0] // scale, box[1] // scale
     x1, y1 = -(-box[2] // scale), -(-box[3] // scale)
-    inside = table[y1, x1] - table[y0, x1] - table[y1, x0] + table[y0, x0]
-    return float(inside) / max((x1 - x0) * (y1 - y0), 1)
+    inside = crop[max(y0 - offset[1], 0):max(y1 - offset[1], 0), max(x0 - offset[0], 0):max(x1 - offset[0], 0)]
+    return float(np.count_nonzero(inside)) / max((x1 - x0) * (y1 - y0), 1)
 
 
 def _box_at(center_x: float, center_y: float, size: tuple[int, int], canvas: tuple[int, int]) -> Box:
@@ -175,14 +174,17 @@ def layout_labels(
         if width > canvas[0] or height > canvas[1]:
             continue
         spacing = max(height / scale / 2, 1.0)
-        table = np.pad(masks[i].astype(np.int64), ((1, 0), (1, 0))).cumsum(0).cumsum(1)
+        # the segment's bounding box: a small segment of a large image costs what its box does
+        rows, cols = np.flatnonzero(masks[i].any(1)), np.flatnonzero(masks[i].any(0))
+        crop = masks[i][rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+        offset = (int(cols[0]), int(rows[0]))
         candidates: list[tuple[Box, float, float]] = []
-        components = _inside_points(masks[i], spacing)
+        components = _inside_points(crop, spacing, offset)
         for component in components:
             # in each component (largest first), the boxes most on the segment first, the deepest on ties
             boxes = [(_box_at(x * scale, y * scale, (width, height), canvas), x * scale, y * scale)
                      for x, y in component]
-            candidates += sorted(boxes, key=lambda entry: -_coverage(table, entry[0], scale))
+            candidates += sorted(boxes, key=lambda entry: -_coverage(crop, entry[0], scale, offset))
         deepest = components[0][0]  # of the largest component: where a leader line points
         anchors[i] = (int(deepest[0] * scale), int(deepest[1] * scale))
         for box, x, y in candidates:
