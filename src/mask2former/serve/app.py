@@ -14,6 +14,7 @@ Routes:
   Answers ``{task, width, height, segments | instances | classes, legend, overlay_png (a data: URL), inference_ms,
   batch_size}``;
 - ``GET /api/openapi.json`` — the OpenAPI description of the three API routes.
+- ``GET /favicon.ico`` — the page's icon (drawn at start-up).
 
 ``label`` is the model's contiguous class id, ``category_id`` the data set id (as ``mask2former predict`` writes).
 Errors are ``{"error": one line, "status": code}`` with 400 (bad request, broken image, unknown task), 403 (a Host
