@@ -51,7 +51,7 @@ def main() -> None:
     options.binary_location = shutil.which("chromium") or shutil.which("chromium-browser")
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", "--window-size=1300,820", "--force-device-scale-factor=1",
+                 "--disable-dev-shm-usage", "--window-size=1280,900", "--force-device-scale-factor=1",
                  f"--user-data-dir={work / 'profile'}"):
         options.add_argument(flag)
     driver = webdriver.Chrome(options=options,

@@ -176,6 +176,8 @@ async function render(result) {
   if (state.only !== null && !state.rows.some((row) => row.label === state.only)) state.only = null;
   [state.regions, state.edges] = await decodeRegions(result.regions_png, result.width, result.height);
   $("stage").style.aspectRatio = `${result.width} / ${result.height}`;
+  // the whole picture in view: at most 75 % of the window's height
+  $("stage").parentElement.style.maxWidth = `calc(75vh * ${result.width / result.height})`;
   $("regions").width = result.width;
   $("regions").height = result.height;
   drawLabels();
