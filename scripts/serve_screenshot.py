@@ -32,7 +32,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--out", default="docs/serve_screenshot.png")
-    parser.add_argument("--seed", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=5)
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--hover-row", type=int, default=0, help="the table row to hover (-1: none)")
     args = parser.parse_args()
