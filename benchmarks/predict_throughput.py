@@ -8,7 +8,8 @@ it must be reported and skipped, the others predicted).
   (``--batch-size`` per forward, one size in a batch, as predict batches them);
 - predict: ``predict_files`` on the folder, timed around the whole call with the model already loaded: listing,
   decoding (worker threads), batching, forward, post-processing, the results files (panoptic PNGs / RLE),
-  summary.json and the resume records; ``predict`` with overlays (the default) and with ``--no-overlays``.
+  summary.json and the resume records; ``predict`` with overlays (the default) and with ``--no-overlays``;
+  ``--overlay-format jpg`` times JPEG overlays instead of PNG ones, ``both`` times both (one more side).
 
 The sides run in one process with ``--threads`` intra-op threads, interleaved: per ``--chunk`` images the three
 run back to back (rotating order), ``--rounds`` passes over the folder; the ratio is the median of the per-chunk
@@ -17,9 +18,10 @@ folder (with the corrupt file) once per predict side. A per-image breakdown of t
 one after another, no overlap, on ``--breakdown-images`` images) says where the rest goes.
 
     python benchmarks/predict_throughput.py --checkpoint runs/fashion_scenes/model_final [--num-images 500]
-        [--batch-size 4] [--threads 2] [--rounds 2] [--task panoptic]
+        [--batch-size 4] [--threads 2] [--rounds 2] [--task panoptic] [--overlay-format png|jpg|both]
 
-Results are merged into benchmarks/results/predict_throughput.json under ``<task>_<N>img_b<B>_t<threads>``.
+Results are merged into benchmarks/results/predict_throughput.json under ``<task>_<N>img_b<B>_t<threads>_<device>``
+(plus ``_jpg`` / ``_png+jpg`` for the other overlay formats).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from mask2former.data.collate import pad_images
 from mask2former.data.export import export_fashion_scenes
 from mask2former.data.image_io import read_image
 from mask2former.evaluation.results_files import ResultsWriter
-from mask2former.apps.predict_files import predict_files
+from mask2former.apps.predict_files import predict_files, save_overlay
 from mask2former.inference.predictor import Predictor
 from mask2former.modeling.model import Mask2Former
 from mask2former.viz import visualize
@@ -80,13 +82,14 @@ def bare_forward(model: Mask2Former, batches: list[torch.Tensor], device: torch.
 
 
 def breakdown(model: Mask2Former, files: list[Path], task: str, batch_size: int, device: torch.device,
-              out: Path) -> dict[str, float]:
+              out: Path, formats: list[str]) -> dict[str, float]:
     """Milliseconds per image of each stage, run one after another in this thread (no overlap)."""
     predictor = Predictor(model, task=task, device=device, batch_size=batch_size)
     out.mkdir(parents=True, exist_ok=True)
     label_space = predictor.label_space
     times = {"decode": 0.0, "forward": 0.0, "Predictor.forward_batch (pad, normalise, forward)": 0.0,
-             "Predictor.postprocess_batch": 0.0, "overlay": 0.0, "results files (PNG / RLE)": 0.0}
+             "Predictor.postprocess_batch": 0.0, "overlay drawing": 0.0,
+             **{f"overlay {name} encoding": 0.0 for name in formats}, "results files (PNG / RLE)": 0.0}
     count = 0
     for start in range(0, len(files) - batch_size + 1, batch_size):
         chunk = files[start : start + batch_size]
@@ -110,8 +113,12 @@ def breakdown(model: Mask2Former, files: list[Path], task: str, batch_size: int,
         times["Predictor.postprocess_batch"] += time.perf_counter() - tic
         for path, image, result in zip(chunk, images, results):
             tic = time.perf_counter()
-            visualize(image, result, task, label_space).save(out / f"{path.stem}.png", format="PNG", compress_level=1)
-            times["overlay"] += time.perf_counter() - tic
+            drawn = visualize(image, result, task, label_space)
+            times["overlay drawing"] += time.perf_counter() - tic
+            for name in formats:
+                tic = time.perf_counter()
+                save_overlay(drawn, out / f"{path.stem}.{name}")
+                times[f"overlay {name} encoding"] += time.perf_counter() - tic
             tic = time.perf_counter()
             ResultsWriter(out, label_space, (task,)).add(path.stem, path.stem, {task: result})
             times["results files (PNG / RLE)"] += time.perf_counter() - tic
@@ -130,6 +137,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--breakdown-images", type=int, default=40)
     parser.add_argument("--chunk", type=int, default=100, help="images per interleaved measurement")
+    parser.add_argument("--overlay-format", default="png", choices=["png", "jpg", "both"],
+                        help="the overlays predict writes (both: a side for each)")
     args = parser.parse_args()
     load_at_start = os.getloadavg()
     torch.set_num_threads(args.threads)
@@ -156,7 +165,9 @@ def main() -> None:
 
         # Paired, interleaved: per chunk of files the three sides run back to back (rotating order), so that
         # load from other processes hits them alike; the ratio is the median of the per-chunk ratios.
-        names = ["bare forward", "predict --no-overlays", "predict"]
+        formats = ["png", "jpg"] if args.overlay_format == "both" else [args.overlay_format]
+        overlay_side = {f"predict --overlay-format {name}": name for name in formats}
+        names = ["bare forward", "predict --no-overlays", *overlay_side]
         seconds: dict[str, list[float]] = {name: [] for name in names}
         cpu_seconds: dict[str, float] = {name: 0.0 for name in names}
         chunk_ratios: dict[str, list[float]] = {name: [] for name in names[1:]}
@@ -167,7 +178,7 @@ def main() -> None:
                 chunk_batches = batches[first : first + per_batch]
                 chunk_files = files[first * args.batch_size : (first + per_batch) * args.batch_size]
                 timings = {}
-                order = names[chunk_count % 3:] + names[: chunk_count % 3]
+                order = names[chunk_count % len(names):] + names[: chunk_count % len(names)]
                 chunk_count += 1
                 for name in order:
                     cpu, tic = process_cpu(), time.perf_counter()
@@ -176,7 +187,9 @@ def main() -> None:
                     else:
                         report = predict_files(chunk_files, model=model, task=args.task, out_dir=tmp / "chunks",
                                                device=args.device, batch_size=args.batch_size,
-                                               overlays=name == "predict", overwrite=True, progress=False)
+                                               overlays=name in overlay_side,
+                                               overlay_format=overlay_side.get(name, "png"), overwrite=True,
+                                               progress=False)
                         assert report.predicted == len(chunk_files) and not report.errors, report
                     timings[name] = time.perf_counter() - tic
                     cpu_seconds[name] += process_cpu() - cpu
@@ -189,13 +202,14 @@ def main() -> None:
         for name in names[1:]:
             tic = time.perf_counter()
             report = predict_files([folder], model=model, task=args.task, out_dir=tmp / "folder", device=args.device,
-                                   batch_size=args.batch_size, overlays=name == "predict", overwrite=True,
-                                   progress=False)
+                                   batch_size=args.batch_size, overlays=name in overlay_side,
+                                   overlay_format=overlay_side.get(name, "png"), overwrite=True, progress=False)
             folder_rates[name] = len(files) / (time.perf_counter() - tic)
             assert [Path(path).name for path, _ in report.errors] == [corrupt.name], report.errors
             assert report.predicted == len(files), (report.predicted, len(files))
         errors = report.errors
-        stages = breakdown(model, files[: args.breakdown_images], args.task, args.batch_size, device, tmp / "bd")
+        stages = breakdown(model, files[: args.breakdown_images], args.task, args.batch_size, device, tmp / "bd",
+                           formats)
 
     count = len(files)
     total = args.rounds * count
@@ -204,6 +218,7 @@ def main() -> None:
     entry = {
         "images": count, "corrupt_file_reported": f"{errors[0][0]}: {errors[0][1]}",
         "batch_size": args.batch_size, "threads": args.threads, "rounds": args.rounds, "chunk": args.chunk,
+        "overlay_formats": formats,
         "device": args.device,
         "images_per_second": {k: round(v, 3) for k, v in rates.items()},
         "median_chunk_ratio_to_bare": {k: round(v, 4) for k, v in ratios.items()},
@@ -216,6 +231,8 @@ def main() -> None:
         "torch": torch.__version__,
     }
     key = f"{args.task}_{count + 1}img_b{args.batch_size}_t{args.threads}_{args.device}"
+    if formats != ["png"]:
+        key += "_" + "+".join(formats)
     results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     results[key] = entry
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

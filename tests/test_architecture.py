@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("data", ("mask2former.data",)),
     ("interop", ("mask2former.interop",)),
     ("modeling", ("mask2former.modeling",)),
-    ("inference", ("mask2former.inference", "mask2former.viz")),
+    ("inference", ("mask2former.inference", "mask2former.viz", "mask2former.label_layout")),
     ("training", ("mask2former.training",)),
     ("evaluation", ("mask2former.evaluation",)),
     ("apps", ("mask2former", "mask2former.apps", "mask2former.cli", "mask2former.__main__",

@@ -29,7 +29,7 @@ def pixel(image, x, y):
 def test_semantic_overlay_blends_outlines_labels_and_skips_ignore():
     semantic = torch.full((H, W), 255)
     semantic[:, :30] = 2
-    out = draw_semantic(gray_image(), semantic, LABELS, legend=False)
+    out = draw_semantic(gray_image(), semantic, LABELS, legend=False, display_size=0)
     assert out.size == (W, H)
     assert pixel(out, 5, 35) == blend(BLUE)  # inside, away from the label at the centroid
     assert pixel(out, 0, 20) == BLUE and pixel(out, 29, 35) == BLUE  # image edge and region edge are borders
@@ -62,11 +62,11 @@ def test_instances_below_threshold_are_not_drawn():
     masks[0, 0:20, 0:20] = True
     masks[1, 20:40, 30:60] = True
     instances = {"masks": masks, "labels": torch.tensor([0, 1]), "scores": torch.tensor([0.9, 0.3]), "boxes": torch.zeros(2, 4)}
-    out = draw_instances(gray_image(), instances, LABELS, score_threshold=0.5, legend=False)
+    out = draw_instances(gray_image(), instances, LABELS, score_threshold=0.5, legend=False, display_size=0)
     assert pixel(out, 2, 17) == blend(RED)
     assert pixel(out, 0, 0) == RED
     assert pixel(out, 35, 38) == (GRAY, GRAY, GRAY)
-    everything = visualize(gray_image(), instances, "instance", LABELS, score_threshold=0.0, legend=False)
+    everything = visualize(gray_image(), instances, "instance", LABELS, score_threshold=0.0, legend=False, display_size=0)
     assert pixel(everything, 33, 38) == blend(GREEN)
 
 
@@ -75,7 +75,7 @@ def test_panoptic_overlay_and_void():
     segment_map[:10] = 4
     segment_map[20:, 30:] = 9
     info = [{"id": 4, "category_id": 2, "isthing": False, "score": 0.9, "area": 600}, {"id": 9, "category_id": 0, "isthing": True, "score": 0.95, "area": 600}]
-    out = draw_panoptic(gray_image(), segment_map, info, LABELS, legend=False)
+    out = draw_panoptic(gray_image(), segment_map, info, LABELS, legend=False, display_size=0)
     assert pixel(out, 2, 2) == blend(BLUE) and pixel(out, 59, 39) == RED and pixel(out, 10, 15) == (GRAY, GRAY, GRAY)
     with pytest.raises(ValueError, match="segment map size"):
         draw_panoptic(gray_image(), segment_map[:5], info, LABELS)
@@ -88,7 +88,7 @@ def test_compare_writes_side_by_side_png(tmp_path):
     sample = {"image": gray_image(), "labels": torch.tensor([0, 2]), "masks": masks, "iscrowd": torch.tensor([False, False])}
     prediction = (masks[1].int() * 3, [{"id": 3, "category_id": 2, "isthing": False, "score": 0.9, "area": 1600}])
     path = tmp_path / "vis" / "cmp.png"
-    out = compare(sample, prediction, "panoptic", LABELS, path=path, legend=False)
+    out = compare(sample, prediction, "panoptic", LABELS, path=path, legend=False, display_size=0)
     saved = Image.open(path)
     assert saved.format == "PNG" and saved.size == out.size
     assert out.width == 2 * W + 8 and out.height > H  # plus the title row
@@ -106,7 +106,7 @@ def test_instance_ground_truth_shows_things_only():
     masks[1, :, 20:] = True  # grass: stuff, not an instance
     sample = {"image": gray_image(), "labels": torch.tensor([0, 2]), "masks": masks, "iscrowd": torch.tensor([True, False])}
     empty = {"masks": torch.zeros((0, H, W), dtype=torch.bool), "labels": torch.zeros(0, dtype=torch.long), "scores": torch.zeros(0)}
-    out = compare(sample, empty, "instance", LABELS, legend=False)
+    out = compare(sample, empty, "instance", LABELS, legend=False, display_size=0)
     top = out.height - H
     assert pixel(out, 3, top + 35) == blend(RED) and pixel(out, 50, top + 35) == (GRAY, GRAY, GRAY)
 
@@ -124,6 +124,8 @@ def test_one_pass_overlay_of_disjoint_segments_equals_the_per_segment_overlay(se
     colors = [tuple(int(v) for v in torch.randint(0, 256, (3,), generator=generator)) for _ in range(5)]
     segments = [(segment_index == k + 1, colors[k], None) for k in range(5)]
     for alpha in (0.5, 0.3, 1.0):
-        expected = np.asarray(_overlay(image, segments, alpha, None))
-        actual = np.asarray(_overlay(image, segments, alpha, None, segment_index=segment_index))
-        assert np.array_equal(actual, expected)
+        for display_size in (0, 512):  # the image's size, and drawn 9x larger
+            expected = np.asarray(_overlay(image, segments, alpha, None, display_size=display_size)[0])
+            actual = np.asarray(_overlay(image, segments, alpha, None, segment_index=segment_index,
+                                         display_size=display_size)[0])
+            assert np.array_equal(actual, expected)

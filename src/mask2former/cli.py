@@ -1,6 +1,6 @@
-"""``mask2former`` command line: train, evaluate, predict, export, serve, data export.
+"""mask2former command line: train, evaluate, predict, export, serve, data export.
 
-Every command takes ``--config`` (a preset name or YAML file) and ``key=value`` overrides. Errors are one line on
+Every command takes --config (a preset name or YAML file) and key=value overrides. Errors are one line on
 stderr with a non-zero exit code (``--debug`` shows the traceback).
 """
 
@@ -23,12 +23,22 @@ def _add_config_args(parser: argparse.ArgumentParser, default: str | None = DEFA
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. solver.max_iter=100")
 
 
+def _presets() -> list[str]:
+    from .config import PRESET_DIR
+
+    return sorted(path.stem for path in PRESET_DIR.glob("*.yaml") if not path.stem.startswith("_"))
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="mask2former", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    train = commands.add_parser("train", help="train a model (default: the CPU FashionScenes preset)")
+    train = commands.add_parser("train", help="train a model (default: the CPU FashionScenes preset)",
+                                epilog="presets (src/mask2former/configs/): " + ", ".join(_presets()))
     _add_config_args(train)
     train.add_argument("--resume", action="store_true", help="continue from the last checkpoint in train.output_dir")
 
@@ -53,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "'dir/**/*.png')")
     source = predict.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help=CHECKPOINT_HELP)
-    source.add_argument("--onnx", help="an ONNX model written by `mask2former export` (with its config.yaml beside it)")
+    source.add_argument("--onnx", help="an ONNX model written by 'mask2former export' (with its config.yaml beside "
+                                        "it); it runs at the precision it was exported with (fp32 or int8)")
     predict.add_argument("--task", default="panoptic", choices=TASKS)
     predict.add_argument("--out", default="predictions", help="output directory")
     predict.add_argument("--device", default="cpu")
@@ -68,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--workers", type=int, default=None, help="threads decoding images and writing outputs "
                                                                    "(default: up to 4)")
     predict.add_argument("--no-overlays", dest="overlays", action="store_false",
-                         help="write only the results files, no overlay PNGs")
+                         help="write only the results files, no overlay pictures")
+    predict.add_argument("--overlay-format", default="png", choices=["png", "jpg"],
+                         help="overlay pictures as PNG (default) or JPEG (quality 90, several times cheaper to encode)")
     predict.add_argument("--overwrite", action="store_true",
                          help="predict every image again (default: skip images whose outputs exist)")
     predict.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
@@ -164,14 +177,14 @@ def cmd_predict(args) -> int:
         checkpoint=args.checkpoint, onnx=args.onnx, task=args.task, out_dir=args.out, device=args.device,
         min_size=args.min_size, max_size=args.max_size, precision=args.precision, coco_json=args.coco_json,
         recursive=args.recursive, batch_size=args.batch_size, workers=args.workers, overlays=args.overlays,
-        overwrite=args.overwrite, progress=args.progress,
+        overwrite=args.overwrite, progress=args.progress, overlay_format=args.overlay_format,
     )
     if args.shard is not None or _world_size() > 1:
         return _predict_in_parts(args, options)
-    print(f"precision: {args.precision}")
     report = predict_files(args.images, **options)
-    print(f"predicted {report.predicted} images in {report.seconds:.1f} s ({report.images_per_second:.2f} images/s), "
-          f"{report.resumed} already done; results in {args.out} ({', '.join(p.name for p in report.files)})")
+    print(f"predicted {report.predicted} images in {report.seconds:.1f} s ({report.images_per_second:.2f} images/s, "
+          f"precision {report.precision}), {report.resumed} already done; results in {args.out} "
+          f"({', '.join(p.name for p in report.files)})")
     return _report_errors(report.errors)
 
 
@@ -207,7 +220,7 @@ def _predict_in_parts(args, options) -> int:
         return _report_errors(report.errors)
     report, merged = predict_distributed(args.images, **options)
     if _rank() == 0:
-        print(f"precision: {args.precision}; {merged['parts']} processes predicted {merged['images']} images (rank 0: "
+        print(f"precision: {report.precision}; {merged['parts']} processes predicted {merged['images']} images (rank 0: "
               f"{report.predicted} in {report.seconds:.1f} s, {report.resumed} already done); results in {args.out} "
               f"({', '.join(p.name for p in merged['files'])})")
         return _report_errors(merged["errors"])

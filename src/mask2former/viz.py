@@ -1,7 +1,10 @@
 """Overlays of semantic, instance and panoptic results (and of ground truth) drawn with PIL.
 
 Each segment is blended with its class colour, outlined with a 1-pixel border in that colour and labelled
-with the class name (and score for predictions); a legend lists the classes shown. Colours are stable per
+with the class name (and score for predictions); a legend lists the classes shown. Labels never overlap
+(``label_layout``: inside their segment, else outside with a leader line, else left off and listed in the layout
+that ``return_layout=True`` returns). A small image is drawn at an integer multiple of its size whose long side is
+about ``display_size`` pixels (default 512), so that the text stays sharp where the picture is shown larger. Colours are stable per
 class: they come from ``label_space.colors`` (LabelSpace's deterministic defaults when a duck-typed
 object has none).
 ``label_space`` is anything with ``names`` (and optionally ``colors`` and ``ignore_index``), such as
@@ -10,6 +13,7 @@ object has none).
 
 from __future__ import annotations
 
+import math
 import threading
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -20,6 +24,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
 from .data.label_space import default_colors
+from .label_layout import LabelLayout, layout_labels
 
 __all__ = [
     "class_color",
@@ -32,12 +37,15 @@ __all__ = [
     "side_by_side",
     "compare",
     "save_png",
+    "LabelLayout",
+    "DISPLAY_SIZE",
 ]
 
 Color = tuple[int, int, int]
 _TEXT_COLOR: Color = (255, 255, 255)
 _TEXT_BACKGROUND: Color = (0, 0, 0)
 _PANEL_BACKGROUND: Color = (255, 255, 255)
+DISPLAY_SIZE = 512  # overlays of smaller images are drawn at an integer multiple of their size reaching about this
 
 
 def class_color(label_space: Any, class_id: int) -> Color:
@@ -76,11 +84,27 @@ def to_pil_image(image: Any) -> Image.Image:
 _fonts = threading.local()
 
 
-def _font() -> ImageFont.ImageFont:
-    # One per thread: building it decodes the font each time, and a FreeType face must not be shared by threads.
-    if not hasattr(_fonts, "font"):
-        _fonts.font = ImageFont.load_default()
-    return _fonts.font
+def _font(size: int = 12) -> ImageFont.ImageFont:
+    # One per thread and size: building it decodes the font each time, and a FreeType face must not be shared by
+    # threads. Pillow's built-in scalable font (Aileron) needs no font file on the system.
+    cache = getattr(_fonts, "by_size", None)
+    if cache is None:
+        cache = _fonts.by_size = {}
+    if size not in cache:
+        cache[size] = ImageFont.load_default(size=size)
+    return cache[size]
+
+
+def display_scale(width: int, height: int, display_size: int | None = DISPLAY_SIZE) -> int:
+    """The integer factor an overlay of a ``width x height`` image is drawn at (1: the image's own size)."""
+    if not display_size:
+        return 1
+    return max(1, round(display_size / max(width, height, 1)))
+
+
+def font_size(canvas_width: int, canvas_height: int) -> int:
+    """Label text height in pixels for a canvas: 12 up to ~768 px, then growing with the picture."""
+    return max(12, round(math.sqrt(canvas_width * canvas_height) / 64))
 
 
 def _boundary(mask: np.ndarray) -> np.ndarray:
@@ -90,22 +114,34 @@ def _boundary(mask: np.ndarray) -> np.ndarray:
     return mask & ~interior
 
 
-def _label_anchor(mask: np.ndarray) -> tuple[int, int]:
-    """The mask pixel closest to the mask's centroid (x, y), so the label sits on the segment."""
-    rows, cols = np.nonzero(mask)
-    center_y, center_x = rows.mean(), cols.mean()
-    nearest = int(np.argmin((rows - center_y) ** 2 + (cols - center_x) ** 2))
-    return int(cols[nearest]), int(rows[nearest])
+def _label_sizes(draw: ImageDraw.ImageDraw, texts: Sequence[str | None], font: Any) -> list[tuple[int, int]]:
+    """(width, height) of each label's box: the text's ink box plus padding (0 x 0 without text)."""
+    sizes = []
+    pad = max(2, font.size // 6)
+    for text in texts:
+        if not text:
+            sizes.append((0, 0))
+            continue
+        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+        sizes.append((right - left + 2 * pad, bottom - top + 2 * pad))
+    return sizes
 
 
-def _draw_label(draw: ImageDraw.ImageDraw, anchor: tuple[int, int], text: str, size: tuple[int, int]) -> None:
-    font = _font()
-    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
-    text_w, text_h = right - left + 4, bottom - top + 4
-    x = min(max(anchor[0] - text_w // 2, 0), max(size[0] - text_w, 0))
-    y = min(max(anchor[1] - text_h // 2, 0), max(size[1] - text_h, 0))
-    draw.rectangle([x, y, x + text_w - 1, y + text_h - 1], fill=_TEXT_BACKGROUND)
-    draw.text((x + 2 - left, y + 2 - top), text, fill=_TEXT_COLOR, font=font)
+def _draw_labels(draw: ImageDraw.ImageDraw, layout: LabelLayout, colors: Sequence[Color], font: Any) -> None:
+    """Leader lines first (under every label), then each label: a dark box outlined in its class colour."""
+    pad = max(2, font.size // 6)
+    for label in layout.placed:
+        if label.leader:
+            end = label.leader_end()
+            draw.line([label.anchor, end], fill=_TEXT_BACKGROUND, width=3)
+            draw.line([label.anchor, end], fill=_TEXT_COLOR, width=1)
+            x, y = label.anchor
+            draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=_TEXT_COLOR, outline=_TEXT_BACKGROUND)
+    for label in layout.placed:
+        x0, y0, x1, y1 = label.box
+        draw.rectangle([x0, y0, x1 - 1, y1 - 1], fill=_TEXT_BACKGROUND, outline=colors[label.index])
+        left, top, _, _ = draw.textbbox((0, 0), label.text, font=font)
+        draw.text((x0 + pad - left, y0 + pad - top), label.text, fill=_TEXT_COLOR, font=font)
 
 
 def _overlay(
@@ -114,20 +150,32 @@ def _overlay(
     alpha: float,
     legend: Sequence[tuple[str, Color]] | None,
     segment_index: np.ndarray | None = None,
-) -> Image.Image:
-    """Blend each (mask, colour, label) into the image, outline it, label it, then add the legend.
+    display_size: int | None = DISPLAY_SIZE,
+) -> tuple[Image.Image, LabelLayout]:
+    """Blend each (mask, colour, label) into the image, outline it, label it, then add the legend; returns the
+    picture and where its labels went.
 
     ``segment_index`` ([H, W], k + 1 where segment k is, 0 elsewhere) says the masks are disjoint: blending and
-    outlines then take one pass over the image instead of one per segment (same pixels)."""
+    outlines then take one pass over the image instead of one per segment (same pixels). The picture is drawn at
+    ``display_scale`` times the image's size: the photo resized bilinearly, the masks repeated pixel by pixel."""
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    scale = display_scale(image.width, image.height, display_size)
+
+    def up(mask: np.ndarray) -> np.ndarray:
+        return mask if scale == 1 else np.repeat(np.repeat(mask, scale, 0), scale, 1)
+
+    if scale > 1:
+        image = image.resize((image.width * scale, image.height * scale), Image.BILINEAR)
     base = np.asarray(image, dtype=np.float32).copy()
     if segment_index is None:
-        for mask, color, _ in segments:
+        segments_up = [(up(mask), color, text) for mask, color, text in segments]
+        for mask, color, _ in segments_up:
             base[mask] = (1.0 - alpha) * base[mask] + alpha * np.asarray(color, dtype=np.float32)
-        for mask, color, _ in segments:
+        for mask, color, _ in segments_up:
             base[_boundary(mask)] = color
     else:
+        segment_index = up(segment_index)
         colors = np.asarray([(0, 0, 0)] + [color for _, color, _ in segments], dtype=np.float32)
         painted = segment_index > 0
         blended = ((1.0 - alpha) * base + alpha * colors[segment_index]).astype(np.float32)
@@ -140,17 +188,18 @@ def _overlay(
         base[outline] = colors[segment_index[outline]]
     canvas = Image.fromarray(base.round().astype(np.uint8))
     draw = ImageDraw.Draw(canvas)
-    for mask, _, text in segments:
-        if text and mask.any():
-            _draw_label(draw, _label_anchor(mask), text, canvas.size)
+    font = _font(font_size(*canvas.size))
+    texts = [text for _, _, text in segments]
+    layout = layout_labels([mask for mask, _, _ in segments], texts, _label_sizes(draw, texts, font), scale,
+                           canvas.size)
+    _draw_labels(draw, layout, [color for _, color, _ in segments], font)
     if legend:
-        canvas = _with_legend(canvas, legend)
-    return canvas
+        canvas = _with_legend(canvas, legend, font)
+    return canvas, layout
 
 
-def _with_legend(canvas: Image.Image, entries: Sequence[tuple[str, Color]]) -> Image.Image:
+def _with_legend(canvas: Image.Image, entries: Sequence[tuple[str, Color]], font: Any) -> Image.Image:
     """A white panel on the right with one colour swatch and name per entry."""
-    font = _font()
     probe = ImageDraw.Draw(canvas)
     line_h = max(probe.textbbox((0, 0), name, font=font)[3] for name, _ in entries) + 6
     text_w = max(probe.textlength(name, font=font) for name, _ in entries)
@@ -181,10 +230,17 @@ def _numpy(tensor: Any) -> np.ndarray:
     return tensor.detach().cpu().numpy() if isinstance(tensor, Tensor) else np.asarray(tensor)
 
 
+def _result(drawn: tuple[Image.Image, LabelLayout], return_layout: bool) -> Any:
+    return drawn if return_layout else drawn[0]
+
+
 def draw_semantic(
-    image: Any, semantic: Any, label_space: Any, alpha: float = 0.5, legend: bool = True
+    image: Any, semantic: Any, label_space: Any, alpha: float = 0.5, legend: bool = True,
+    display_size: int | None = DISPLAY_SIZE, return_layout: bool = False,
 ) -> Image.Image:
-    """Overlay a class-id map [H, W] (or class scores [K, H, W]); ``ignore_index`` pixels stay uncoloured."""
+    """Overlay a class-id map [H, W] (or class scores [K, H, W]); ``ignore_index`` pixels stay uncoloured.
+    ``return_layout``: return ``(picture, LabelLayout)``, the layout saying where each label went (the same
+    keywords in every ``draw_*`` function)."""
     picture = to_pil_image(image)
     class_map = _numpy(semantic)
     if class_map.ndim == 3:
@@ -201,8 +257,9 @@ def draw_semantic(
     ]
     index_of_class = np.zeros(max(int(class_map.max(initial=0)), 0) + 1, dtype=np.int64)
     index_of_class[present] = np.arange(1, len(present) + 1)
-    return _overlay(picture, segments, alpha, _legend_entries(label_space, present) if legend else None,
-                    segment_index=np.where(class_map >= 0, index_of_class[np.maximum(class_map, 0)], 0))
+    return _result(_overlay(picture, segments, alpha, _legend_entries(label_space, present) if legend else None,
+                            segment_index=np.where(class_map >= 0, index_of_class[np.maximum(class_map, 0)], 0),
+                            display_size=display_size), return_layout)
 
 
 def draw_instances(
@@ -212,6 +269,8 @@ def draw_instances(
     score_threshold: float = 0.5,
     alpha: float = 0.5,
     legend: bool = True,
+    display_size: int | None = DISPLAY_SIZE,
+    return_layout: bool = False,
 ) -> Image.Image:
     """Overlay instances (``masks``, ``labels``, optional ``scores``); those scoring below the threshold are not drawn.
 
@@ -235,7 +294,8 @@ def draw_instances(
         text = label_space.names[label] if scores is None else f"{label_space.names[label]} {scores[index]:.2f}"
         segments.append((masks[index], class_color(label_space, label), text))
         shown.append(label)
-    return _overlay(picture, segments, alpha, _legend_entries(label_space, shown) if legend and shown else None)
+    return _result(_overlay(picture, segments, alpha, _legend_entries(label_space, shown) if legend and shown else None,
+                            display_size=display_size), return_layout)
 
 
 def draw_panoptic(
@@ -245,6 +305,8 @@ def draw_panoptic(
     label_space: Any,
     alpha: float = 0.5,
     legend: bool = True,
+    display_size: int | None = DISPLAY_SIZE,
+    return_layout: bool = False,
 ) -> Image.Image:
     """Overlay a panoptic result: ``segment_map`` [H, W] (0 = void) with ``segments_info`` entries."""
     picture = to_pil_image(image)
@@ -260,8 +322,9 @@ def draw_panoptic(
         shown.append(label)
         if 0 <= int(info["id"]) < len(index_of_id):
             index_of_id[int(info["id"])] = len(segments)
-    return _overlay(picture, segments, alpha, _legend_entries(label_space, shown) if legend and shown else None,
-                    segment_index=np.where(ids >= 0, index_of_id[np.maximum(ids, 0)], 0))
+    return _result(_overlay(picture, segments, alpha, _legend_entries(label_space, shown) if legend and shown else None,
+                            segment_index=np.where(ids >= 0, index_of_id[np.maximum(ids, 0)], 0),
+                            display_size=display_size), return_layout)
 
 
 def draw_sample(sample: Mapping[str, Any], task: str, label_space: Any, image: Any = None, **kwargs) -> Image.Image:
@@ -285,7 +348,9 @@ def draw_sample(sample: Mapping[str, Any], task: str, label_space: Any, image: A
         ]
         legend = kwargs.get("legend", True) and bool(shown)
         entries = _legend_entries(label_space, [int(labels[i]) for i in shown]) if legend else None
-        return _overlay(pil, segments, kwargs.get("alpha", 0.5), entries)
+        return _result(_overlay(pil, segments, kwargs.get("alpha", 0.5), entries,
+                                display_size=kwargs.get("display_size", DISPLAY_SIZE)),
+                       kwargs.get("return_layout", False))
     if task == "panoptic":
         segment_map = np.zeros(masks.shape[-2:], dtype=np.int32)
         infos = []
@@ -312,7 +377,7 @@ def side_by_side(
     left: Image.Image, right: Image.Image, titles: Sequence[str] | None = ("ground truth", "prediction"), gap: int = 8
 ) -> Image.Image:
     """Two images next to each other on a white canvas, with optional titles above them."""
-    font = _font()
+    font = _font(font_size(*left.size))
     title_h = 0
     if titles:
         probe = ImageDraw.Draw(left)
@@ -341,7 +406,7 @@ def compare(
     """Ground truth (left) vs prediction (right) for one sample; written as PNG when ``path`` is given."""
     picture = sample["image"] if image is None else image
     kwargs.setdefault("legend", True)
-    truth = draw_sample(sample, task, label_space, image=picture, **{k: v for k, v in kwargs.items() if k in ("alpha", "legend")})
+    truth = draw_sample(sample, task, label_space, image=picture, **{k: v for k, v in kwargs.items() if k in ("alpha", "legend", "display_size")})
     prediction = visualize(picture, result, task, label_space, **kwargs)
     combined = side_by_side(truth, prediction)
     if path is not None:

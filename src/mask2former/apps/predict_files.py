@@ -28,6 +28,7 @@ from typing import Any, Sequence
 
 from torch import Tensor
 
+from ..data.json_io import dumps
 from ..data.label_space import LabelSpace
 from ..evaluation.results_files import RESULT_FILES, ResultsWriter
 from ..viz import visualize
@@ -35,9 +36,10 @@ from ..inference.predictor import ForwardOutput, Predictor
 from ..training.distributed import shard_range
 from .predict_pipeline import Buckets, Decoded, Gate, decoded_images, single_threaded_torch
 
-__all__ = ["PredictReport", "collect_images", "predict_files"]
+__all__ = ["PredictReport", "collect_images", "predict_files", "summary_entry", "image_id_of"]
 
 RECORDS_DIR = ".predict"
+OVERLAY_FORMATS = ("png", "jpg")
 _GLOB_CHARS = set("*?[")
 
 
@@ -57,6 +59,7 @@ class PredictReport:
     records: list[dict[str, Any]] = field(default_factory=list)
     label_space: LabelSpace | None = None
     num_inputs: int = 0
+    precision: str = "fp32"  # what ran: an ONNX model's own precision (fp32, int8), else the one asked for
 
     @property
     def images_per_second(self) -> float:
@@ -115,20 +118,24 @@ def predict_files(
     out_dir: str | Path = "predictions", device: str = "cpu", min_size: int | None = None,
     max_size: int | None = None, precision: str = "fp32", coco_json: str | Path | None = None,
     recursive: bool = False, batch_size: int = 4, workers: int | None = None, overlays: bool = True,
-    overwrite: bool = False, progress: bool | None = None, model: Any = None, shard: tuple[int, int] | None = None,
+    overwrite: bool = False, progress: bool | None = None, model: Any = None, overlay_format: str = "png",
+    shard: tuple[int, int] | None = None,
 ) -> PredictReport:
     """Segment ``images`` (files, folders, glob patterns) and write into ``out_dir`` per image
-    ``<stem>_<task>.png`` (overlay, unless ``overlays=False``), the standard results files of ``task`` (see
+    ``<stem>_<task>.png`` (overlay, unless ``overlays=False``; ``.jpg`` with ``overlay_format="jpg"``), the standard results files of ``task`` (see
     ``evaluation.results_files``) and ``summary.json`` (class names, scores, areas, and the errors). Image ids are
     the file stem (an int when numeric, as COCO names its files) or come from ``coco_json``.
 
     ``batch_size`` images of the same padded size go through the model together; ``workers`` threads decode and
     write (default: up to 4). ``progress``: a progress bar on stderr (None: when stderr is a terminal). ``model``:
-    an already loaded model instead of ``checkpoint`` / ``onnx``.
+    an already loaded model instead of ``checkpoint`` / ``onnx``. When no input can be read, the error says so and
+    nothing is written.
 
     ``shard=(i, n)``: predict only part ``i`` of ``n`` of the input files (``apps.predict_shards``, which writes the
     results files once all parts are done); the report then holds the part's files and records, and no results
     files are written here."""
+    if overlay_format not in OVERLAY_FORMATS:
+        raise ValueError(f"--overlay-format must be one of {', '.join(OVERLAY_FORMATS)}, got {overlay_format!r}")
     if batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
     workers = workers if workers is not None else min(4, os.cpu_count() or 1)
@@ -139,6 +146,9 @@ def predict_files(
             from ..apps.onnx import OnnxModel
 
             model = OnnxModel(onnx)
+            if precision != "fp32":
+                raise ValueError(f"--precision {precision} applies to PyTorch checkpoints; {onnx} runs at the "
+                                 f"precision it was exported with ({model.precision})")
         elif checkpoint is not None:
             model = checkpoint
         else:
@@ -161,16 +171,20 @@ def predict_files(
     source = onnx or checkpoint
     signature = {"model": str(Path(source).resolve()) if source else type(model).__name__, "precision": precision,
                  "min_size": min_size, "max_size": max_size, "coco_json": str(coco_json) if coco_json else None}
-    _start_records(records_dir, signature, overwrite, remove=shard is None)  # parts share the records folder
+    _check_records(records_dir, signature, overwrite)
     selected = range(len(paths)) if shard is None else shard_range(len(paths), *shard)
-    report = PredictReport(out_dir=out, errors=errors if shard is None or shard[0] == 0 else [])
+    # An ONNX model runs at its own precision (an int8 file is int8 whatever --precision says).
+    ran = str(getattr(model, "precision", precision)) if onnx is not None else precision
+    report = PredictReport(out_dir=out, errors=errors if shard is None or shard[0] == 0 else [], precision=ran)
+    started_records = False
 
     # Resume: an image is done when its record and every output file it names exist.
     records: dict[int, dict[str, Any]] = {}
     todo: list[int] = []
     for index in selected:
         stem = stems[index]
-        record = None if overwrite else _load_record(records_dir / f"{stem}.json", out, task, paths[index], overlays)
+        record = None if overwrite else _load_record(records_dir / f"{stem}.json", out, task, paths[index],
+                                                     overlay_format if overlays else None)
         if record is not None and record["summary"]["image_id"] == ids[index]:
             record["summary"]["file_name"] = str(paths[index])  # as this run names it
             records[index] = record
@@ -182,7 +196,7 @@ def predict_files(
         """Post-process one image and write its outputs (in a worker thread)."""
         result = predictor.postprocess_batch(forwarded, (task,))[0][task]
         return item.index, _write_outputs(out, records_dir, task, label_space, paths[item.index], ids[item.index],
-                                          item.image, result, overlays)
+                                          item.image, result, overlay_format if overlays else None)
 
     gate = Gate(enabled=predictor.device.type == "cpu")
     started = time.perf_counter()
@@ -200,6 +214,10 @@ def predict_files(
                 bar.update(1)
 
             def run_batch(batch: list[Decoded]) -> None:
+                nonlocal started_records
+                if not started_records:  # the first image read: only now is anything written
+                    _start_records(records_dir, signature, overwrite, remove=shard is None)  # parts share it
+                    started_records = True
                 with gate.closed():
                     forwarded = predictor.forward_batch([item.prepared for item in batch],
                                                         [item.original_size for item in batch])
@@ -227,9 +245,23 @@ def predict_files(
         report.records = [records[i] for i in sorted(records)]
         report.label_space, report.num_inputs = label_space, len(paths)
         return report
-    report.files = _write_results(out, task, label_space, precision, [records[i] for i in sorted(records)],
+    if not records and report.errors:
+        name, message = report.errors[0]
+        more = f" ({len(report.errors) - 1} more failed)" if len(report.errors) > 1 else ""
+        raise ValueError(f"no input could be read, nothing written: {name}: {message}{more}")
+    report.files = _write_results(out, task, label_space, ran, [records[i] for i in sorted(records)],
                                   report.errors)
     return report
+
+
+def save_overlay(overlay: Any, path: Path) -> None:
+    """Write an overlay as PNG or JPEG (by the suffix)."""
+    if path.suffix == ".jpg":
+        # Quality 90 keeps label text and segment outlines clean; 4:4:4 chroma keeps the thin coloured outlines.
+        overlay.save(path, format="JPEG", quality=90, subsampling=0)
+    else:
+        # PNG level 1: the same pixels, ~3x faster to encode than the default level 6, a few % larger.
+        overlay.save(path, format="PNG", compress_level=1)
 
 
 def _source_key(path: Path) -> list[Any]:
@@ -239,18 +271,28 @@ def _source_key(path: Path) -> list[Any]:
 
 
 def _write_outputs(out: Path, records_dir: Path, task: str, label_space: LabelSpace, path: Path, image_id: Any,
-                   image: Tensor, result: Any, overlays: bool) -> dict[str, Any]:
-    """One image's overlay, result PNGs and record (last, so that a record means the image is done)."""
+                   image: Tensor, result: Any, overlay_format: str | None) -> dict[str, Any]:
+    """One image's overlay (``overlay_format`` png / jpg, None: none), result PNGs and record (last, so that a
+    record means the image is done)."""
     stem = path.stem
     outputs = []
-    if overlays:
-        # PNG level 1: the same pixels, ~3x faster to encode than the default level 6, a few % larger.
-        visualize(image, result, task, label_space).save(out / f"{stem}_{task}.png", format="PNG", compress_level=1)
-        outputs.append(f"{stem}_{task}.png")
+    if overlay_format is not None:
+        name = f"{stem}_{task}.{overlay_format}"
+        save_overlay(visualize(image, result, task, label_space), out / name)
+        outputs.append(name)
     added = ResultsWriter(out, label_space, (task,)).add(image_id, stem, {task: result})
     if task in ("panoptic", "semantic"):
         outputs.append(f"{task}/{stem}.png")
-    summary: dict[str, Any] = {"file_name": str(path), "image_id": image_id, "height": int(image.shape[1]),
+    summary = summary_entry(task, label_space, str(path), image_id, image, result)
+    record = {"source": _source_key(path), "outputs": outputs, "summary": summary, "results": added.get(task)}
+    _atomic_write(records_dir / f"{stem}.json", dumps(record))
+    return record
+
+
+def summary_entry(task: str, label_space: LabelSpace, file_name: str, image_id: Any, image: Tensor,
+                  result: Any) -> dict[str, Any]:
+    """One image's entry of ``summary.json`` (``serve`` answers the same entry for an upload)."""
+    summary: dict[str, Any] = {"file_name": file_name, "image_id": image_id, "height": int(image.shape[1]),
                                "width": int(image.shape[2])}
     if task == "semantic":
         summary["classes"] = sorted({label_space.names[i] for i in result.unique().tolist()})
@@ -266,12 +308,10 @@ def _write_outputs(out: Path, records_dir: Path, task: str, label_space: LabelSp
              "score": float(score), "bbox_xyxy": [float(v) for v in box]}
             for label, score, box in zip(result["labels"], result["scores"], result["boxes"])
         ]
-    record = {"source": _source_key(path), "outputs": outputs, "summary": summary, "results": added.get(task)}
-    _atomic_write(records_dir / f"{stem}.json", json.dumps(record))
-    return record
+    return summary
 
 
-def _load_record(path: Path, out: Path, task: str, source: Path, overlays: bool) -> dict[str, Any] | None:
+def _load_record(path: Path, out: Path, task: str, source: Path, overlays: str | None) -> dict[str, Any] | None:
     """The record of a finished image, or None when it has to be predicted (again)."""
     try:
         record = json.loads(path.read_text())
@@ -281,17 +321,14 @@ def _load_record(path: Path, out: Path, task: str, source: Path, overlays: bool)
     except (OSError, ValueError, KeyError, TypeError):
         return None
     if overlays:
-        wanted.append(f"{source.stem}_{task}.png")
+        wanted.append(f"{source.stem}_{task}.{overlays}")
     return record if all((out / name).is_file() for name in wanted) else None
 
 
-def _start_records(records_dir: Path, signature: dict[str, Any], overwrite: bool, remove: bool = True) -> None:
-    """Refuse to mix results of different models or settings in one folder (``overwrite`` starts afresh; with
-    ``remove=False``, for parts of a run sharing the folder, it only lifts the check)."""
+def _check_records(records_dir: Path, signature: dict[str, Any], overwrite: bool) -> None:
+    """Refuse to mix results of different models or settings in one folder (``overwrite`` starts afresh)."""
     run_file = records_dir / "run.json"
-    if overwrite and remove and records_dir.exists():
-        shutil.rmtree(records_dir)
-    if run_file.is_file() and not overwrite:
+    if not overwrite and run_file.is_file():
         try:
             previous = json.loads(run_file.read_text())
         except ValueError:
@@ -302,8 +339,16 @@ def _start_records(records_dir: Path, signature: dict[str, Any], overwrite: bool
             raise ValueError(f"{records_dir.parent.parent} holds {records_dir.name} predictions made with "
                              f"{key}={previous.get(key)!r}, not {signature[key]!r}; pass --overwrite to redo them "
                              f"or choose another --out")
+
+
+def _start_records(records_dir: Path, signature: dict[str, Any], overwrite: bool, remove: bool = True) -> None:
+    """The records folder of this run (emptied first with ``overwrite``, unless ``remove=False``: parts of a run
+    share it), once there is something to record."""
+    if overwrite and remove and records_dir.exists():
+        shutil.rmtree(records_dir)
     records_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write(run_file, json.dumps(signature))
+    run_file = records_dir / "run.json"
+    _atomic_write(run_file, dumps(signature))
 
 
 def _write_results(out: Path, task: str, label_space: LabelSpace, precision: str, records: list[dict[str, Any]],
@@ -318,8 +363,8 @@ def _write_results(out: Path, task: str, label_space: LabelSpace, precision: str
     else:
         document = None
     if document is not None:
-        files.append(_atomic_write(out / RESULT_FILES[task], json.dumps(document)))
-    files.append(_atomic_write(out / "summary.json", json.dumps(
+        files.append(_atomic_write(out / RESULT_FILES[task], dumps(document)))
+    files.append(_atomic_write(out / "summary.json", dumps(
         {"task": task, "precision": precision, "images": [record["summary"] for record in records],
          "errors": [{"file": name, "error": message} for name, message in errors]}, indent=1)))
     return files
@@ -361,6 +406,11 @@ def _image_id(path: Path, image_ids: dict[str, Any] | None, coco_json: Any) -> A
         if path.name not in image_ids:
             raise ValueError(f"{coco_json}: no image with file name {path.name!r} (for {path})")
         return image_ids[path.name]
+    return image_id_of(path)
+
+
+def image_id_of(path: Path) -> Any:
+    """The image id of a file without a COCO JSON: its stem, an int when numeric (as COCO names its files)."""
     return int(path.stem) if path.stem.isdigit() else path.stem
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..data.image_io import one_line
+from ..data.json_io import dumps
 from ..data.label_space import LabelSpace
 from ..evaluation import sharding
 from ..training import distributed as dist_utils
@@ -86,7 +87,7 @@ def predict_shard(images: Sequence[str | Path], shard: tuple[int, int], out_dir:
     }
     path = _manifest_path(out, task, index, count)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, json.dumps(manifest))
+    _atomic_write(path, dumps(manifest))
     return report
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -11,6 +10,7 @@ import torch
 
 from ..config import TASKS, Config
 from ..data.image_io import one_line
+from ..data.json_io import dumps
 from ..data.label_space import LabelSpace
 from ..training.distributed import shard_range
 from . import sharding
@@ -233,10 +233,11 @@ def _dataset_image_ids(dataset) -> list[Any]:
 def _write_metrics(result: dict[str, Any], out: str | None) -> None:
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps({"metrics": result["metrics"], "details": _jsonable(result["details"]),
-                                         "num_images": result["num_images"], "seconds": result["seconds"],
-                                         **({"unscored_classes": result["unscored_classes"]}
-                                            if "unscored_classes" in result else {})}, indent=1))
+        # Undefined metrics (NaN: no ground truth of a kind) are null, as in metrics.jsonl (data.json_io).
+        Path(out).write_text(dumps({"metrics": result["metrics"], "details": _jsonable(result["details"]),
+                                    "num_images": result["num_images"], "seconds": result["seconds"],
+                                    **({"unscored_classes": result["unscored_classes"]}
+                                       if "unscored_classes" in result else {})}, indent=1))
 
 
 def _jsonable(value: Any) -> Any:

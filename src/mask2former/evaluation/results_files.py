@@ -33,6 +33,7 @@ from pycocotools import mask as mask_utils
 from ..data.formats.coco import annotation_to_rle
 from ..data.formats.coco_panoptic import id_to_rgb, read_segment_map
 from ..data.image_io import read_label_png
+from ..data.json_io import dumps
 from ..data.label_space import LabelSpace
 from .instance import encode_masks
 
@@ -148,12 +149,12 @@ class ResultsWriter:
         written: dict[str, Path] = {}
         if "panoptic" in self.tasks:
             path = self.out_dir / RESULT_FILES["panoptic"]
-            _atomic_write(path, json.dumps({"annotations": self._panoptic,
+            _atomic_write(path, dumps({"annotations": self._panoptic,
                                             "categories": self.label_space.to_coco_categories()}))
             written["panoptic"] = path
         if "instance" in self.tasks:
             path = self.out_dir / RESULT_FILES["instance"]
-            _atomic_write(path, json.dumps(self._instances))
+            _atomic_write(path, dumps(self._instances))
             written["instance"] = path
         if "semantic" in self.tasks:
             written["semantic"] = self.out_dir / "semantic"

@@ -5,7 +5,7 @@ ground truth nor in the predictions has an undefined IoU (NaN) and is left out o
 averages over classes present in the ground truth (the detectron2 ``SemSegEvaluator`` / mmseg rules).
 A predicted -1 means "none of these classes" (a model class the data set lacks, ``label_subset.py``): the pixel
 is a miss of its ground-truth class and a prediction of no class (as mmseg counts out-of-range predictions).
-Results are fractions in [0, 1] (undefined values are NaN, which ``json.dumps`` writes as ``NaN``);
+Results are fractions in [0, 1] (undefined values are NaN, written to JSON files as null: ``data.json_io``);
 ``format_table`` prints percentages.
 """
 

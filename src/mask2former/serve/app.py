@@ -8,10 +8,13 @@ Routes:
 - ``POST /api/predict?task=panoptic`` — the image as the raw body (``Content-Type: image/*`` or
   ``application/octet-stream``) or as the ``image`` file field of a ``multipart/form-data`` form (which may also carry
   ``task``); optional ``score_threshold`` (instance task, default 0.5), ``overlay=0`` (leave the PNG out) and
-  ``legend=0`` (draw the PNG without its legend panel; the page shows the legend itself).
+  ``legend=0`` (draw the PNG without its legend panel), ``layers=1`` (add what the page draws itself:
+  ``regions_png``, each pixel's table row + 1 in red + 256 x green, and ``labels``, the overlay's label layout) and
+  ``record=FILE_NAME`` (add ``record``: the summary and results entries ``mask2former predict`` writes for that file).
   Answers ``{task, width, height, segments | instances | classes, legend, overlay_png (a data: URL), inference_ms,
   batch_size}``;
 - ``GET /api/openapi.json`` — the OpenAPI description of the three API routes.
+- ``GET /favicon.ico`` — the page's icon (drawn at start-up).
 
 ``label`` is the model's contiguous class id, ``category_id`` the data set id (as ``mask2former predict`` writes).
 Errors are ``{"error": one line, "status": code}`` with 400 (bad request, broken image, unknown task), 403 (a Host
@@ -24,6 +27,7 @@ encoding run in worker threads, off the event loop.
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import socket
@@ -44,11 +48,12 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.schemas import SchemaGenerator
 
+from ..data.json_io import dumps
 from ..inference.predictor import Predictor
 from ..modeling.model import Mask2Former
 from .batching import BatchingPredictor
 from .service import (
-    DEFAULT_MAX_PIXELS, DEFAULT_MAX_UPLOAD_BYTES, ApiError, SegmentationService, parse_options,
+    DEFAULT_MAX_PIXELS, DEFAULT_MAX_UPLOAD_BYTES, ApiError, SegmentationService, parse_options, parse_page_options,
 )
 from .uploads import DEFAULT_BODY_TIMEOUT_S, read_body, upload_from_body
 
@@ -137,11 +142,11 @@ async def classes(request: Request) -> Response:
 
 
 def _render(service: SegmentationService, image: Any, outcome: Any, task: str, score_threshold: float,
-            overlay: bool, legend: bool) -> bytes:
-    response = service.describe(image, outcome.result, task, score_threshold, overlay, legend)
+            overlay: bool, legend: bool, layers: bool = False, record: str | None = None) -> bytes:
+    response = service.describe(image, outcome.result, task, score_threshold, overlay, legend, layers, record)
     response["inference_ms"] = outcome.inference_ms
     response["batch_size"] = outcome.batch_size
-    return json.dumps(response).encode("utf-8")
+    return dumps(response).encode("utf-8")
 
 
 async def predict(request: Request) -> Response:
@@ -156,6 +161,8 @@ async def predict(request: Request) -> Response:
       - {name: score_threshold, in: query, schema: {type: number, minimum: 0, maximum: 1, default: 0.5}}
       - {name: overlay, in: query, description: 0 leaves the overlay PNG out, schema: {type: string, default: '1'}}
       - {name: legend, in: query, description: 0 draws the PNG without a legend, schema: {type: string, default: '1'}}
+      - {name: layers, in: query, description: 1 adds regions_png and labels, schema: {type: string, default: '0'}}
+      - {name: record, in: query, description: the file name for predict's record, schema: {type: string}}
     requestBody:
       required: true
       content:
@@ -182,9 +189,11 @@ async def predict(request: Request) -> Response:
     data, fields = await upload_from_body(request, body)
     options = {**fields, **dict(request.query_params)}  # the query string wins over form fields
     task, score_threshold, overlay, legend = parse_options(options)
+    layers, record = parse_page_options(options)
     image = await run_in_threadpool(service.decode, data)
     outcome = await state.batcher.predict(image, task)
-    payload = await run_in_threadpool(_render, service, image, outcome, task, score_threshold, overlay, legend)
+    payload = await run_in_threadpool(_render, service, image, outcome, task, score_threshold, overlay, legend,
+                                      layers, record)
     return _json_bytes(200, payload)
 
 
@@ -193,6 +202,20 @@ _SCHEMAS = SchemaGenerator({"openapi": "3.0.0", "info": {"title": "mask2former s
 
 async def openapi(request: Request) -> Response:
     return _json_bytes(200, json.dumps(_SCHEMAS.get_schema(request.app.routes)).encode("utf-8"))
+
+
+def _favicon() -> bytes:
+    """A 32x32 icon drawn here (no binary file in the package): four coloured segments, as the overlays show them."""
+    from PIL import Image, ImageDraw
+
+    icon = Image.new("RGBA", (32, 32), (0, 0, 0, 0))
+    draw = ImageDraw.Draw(icon)
+    for box, color in (((1, 1, 15, 15), (220, 20, 60)), ((17, 1, 31, 15), (0, 130, 200)),
+                       ((1, 17, 15, 31), (60, 180, 75)), ((17, 17, 31, 31), (255, 180, 0))):
+        draw.rounded_rectangle(box, radius=3, fill=color + (255,))
+    buffer = io.BytesIO()
+    icon.save(buffer, format="ICO", sizes=[(32, 32)])
+    return buffer.getvalue()
 
 
 def create_app(
@@ -211,6 +234,12 @@ def create_app(
 
     async def page(request: Request) -> Response:
         return static_response("index.html")
+
+    icon = _favicon()
+
+    async def favicon(request: Request) -> Response:
+        return Response(icon, headers={"Cache-Control": "max-age=86400", "X-Content-Type-Options": "nosniff"},
+                        media_type="image/x-icon")
 
     async def static_file(request: Request) -> Response:
         name = request.path_params["name"]
@@ -232,6 +261,7 @@ def create_app(
         Route("/", page, methods=["GET"], include_in_schema=False),
         Route("/index.html", page, methods=["GET"], include_in_schema=False),
         Route("/static/{name}", static_file, methods=["GET"], include_in_schema=False),
+        Route("/favicon.ico", favicon, methods=["GET"], include_in_schema=False),
         Route("/api/health", health, methods=["GET"]),
         Route("/api/classes", classes, methods=["GET"]),
         Route("/api/predict", predict, methods=["POST"]),

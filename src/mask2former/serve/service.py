@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import base64
 import io
+import re
+import tempfile
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,10 +21,11 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from ..config import TASKS
 from ..data.image_io import one_line, to_rgb_array
 from ..inference.predictor import Predictor
-from ..viz import class_color, visualize
+from ..evaluation.results_files import ResultsWriter
+from ..viz import class_color, display_scale, font_size, visualize
 
-__all__ = ["ApiError", "SegmentationService", "decode_image", "parse_options", "DEFAULT_MAX_UPLOAD_BYTES",
-           "DEFAULT_MAX_PIXELS"]
+__all__ = ["ApiError", "SegmentationService", "decode_image", "parse_options", "parse_page_options",
+           "DEFAULT_MAX_UPLOAD_BYTES", "DEFAULT_MAX_PIXELS"]
 
 DEFAULT_MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 # Inference runs at the uploaded size (as `mask2former predict` does without --min-size), so memory and time grow
@@ -49,7 +53,7 @@ def decode_image(data: bytes, max_pixels: int) -> torch.Tensor:
     try:
         image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as error:
-        raise ApiError(413, f"image too large: {one_line(error)}") from None
+        raise _too_many_pixels(error, max_pixels) from None
     except UnidentifiedImageError:
         raise ApiError(400, "cannot decode image: not a recognised image format") from None
     except (OSError, SyntaxError, ValueError) as error:
@@ -63,10 +67,18 @@ def decode_image(data: bytes, max_pixels: int) -> torch.Tensor:
         image.load()
         array = to_rgb_array(ImageOps.exif_transpose(image))
     except Image.DecompressionBombError as error:
-        raise ApiError(413, f"image too large: {one_line(error)}") from None
+        raise _too_many_pixels(error, max_pixels) from None
     except (OSError, SyntaxError, ValueError, EOFError) as error:
         raise ApiError(400, f"truncated or corrupt image: {one_line(error)}") from None
     return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).contiguous()
+
+
+def _too_many_pixels(error: Exception, max_pixels: int) -> ApiError:
+    """413 naming the server's limit for an image PIL refused as a decompression bomb (its own, far higher limit):
+    the client should learn the limit that applies to it, whichever check saw the image first."""
+    counts = [int(number) for number in re.findall(r"\((\d+) pixels\)", str(error))]
+    size = f"{counts[0]} pixels" if counts else "too many pixels"
+    return ApiError(413, f"image has {size}; the limit is {max_pixels} pixels")
 
 
 def parse_options(options: dict[str, str]) -> tuple[str, float, bool, bool]:
@@ -84,10 +96,32 @@ def parse_options(options: dict[str, str]) -> tuple[str, float, bool, bool]:
     return task, score_threshold, overlay, legend
 
 
+def parse_page_options(options: dict[str, str]) -> tuple[bool, str | None]:
+    """``(layers, record_name)``: ``layers=1`` adds what the page draws itself (the region map and the label
+    layout); ``record=NAME`` adds the record ``mask2former predict`` writes for a file of that name."""
+    layers = options.get("layers", "0").lower() not in ("0", "false", "no")
+    name = options.get("record")
+    if name is not None:
+        name = Path(name.replace("\\", "/")).name  # a file name only, whatever the browser sends
+        if not name or len(name) > 255:
+            raise ApiError(400, "record must be the uploaded file's name (1 to 255 characters)")
+    return layers, name
+
+
 def _png_data_url(image: Image.Image) -> str:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", compress_level=1)  # 3-4x faster than the default level, ~7 % larger
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _labels(layout: Any, rows: list[int], width: int, height: int) -> dict[str, Any]:
+    """The overlay's label layout for the page (canvas pixels: the image times ``scale``), labels named by row."""
+    scale = display_scale(width, height)
+    canvas = [width * scale, height * scale]
+    return {"canvas": canvas, "scale": scale, "font_px": font_size(*canvas),
+            "placed": [{"row": rows[label.index], "text": label.text, "box": list(label.box),
+                        "anchor": list(label.anchor), "leader": label.leader} for label in layout.placed],
+            "left_off": [{"row": rows[index], "text": text} for index, text in layout.left_off]}
 
 
 class SegmentationService:
@@ -133,8 +167,10 @@ class SegmentationService:
             return self.predictor.predict_tasks([image], (task,))[0][task]
 
     def describe(self, image: torch.Tensor, result: Any, task: str, score_threshold: float = 0.5,
-                 overlay: bool = True, legend: bool = True) -> dict[str, Any]:
-        """The JSON answer for one prediction: segments/instances/classes, legend and (optionally) the overlay PNG."""
+                 overlay: bool = True, legend: bool = True, layers: bool = False,
+                 record_name: str | None = None) -> dict[str, Any]:
+        """The JSON answer for one prediction: segments/instances/classes, legend and (optionally) the overlay PNG,
+        the page's layers (``regions_png``, ``labels``) and predict's record of the image."""
         response: dict[str, Any] = {"task": task, "width": int(image.shape[2]), "height": int(image.shape[1])}
         if task == "panoptic":
             _, segments_info = result
@@ -154,6 +190,8 @@ class SegmentationService:
                 for i in keep
             ]
             shown = [s["label"] for s in response["instances"]]
+            # rows in the order the overlay draws them (lowest score first, so the most confident ends on top)
+            drawn_rows = sorted(range(len(keep)), key=lambda row: float(result["scores"][keep[row]]))
         else:
             counts = torch.bincount(result.flatten(), minlength=self.label_space.num_classes).tolist()
             total = int(result.numel())
@@ -163,11 +201,55 @@ class SegmentationService:
             ]
             shown = [s["label"] for s in response["classes"]]
         response["legend"] = [self._class_entry(label) for label in sorted(set(shown))]
-        if overlay:
+        if overlay or layers:
             options = {"score_threshold": score_threshold} if task == "instance" else {}
-            drawn = visualize(image, result, task, self.label_space, legend=legend, **options)
-            response["overlay_png"] = _png_data_url(drawn)
+            drawn, layout = visualize(image, result, task, self.label_space, legend=legend, return_layout=True,
+                                      **options)
+            if overlay:
+                response["overlay_png"] = _png_data_url(drawn)
+            if layers:
+                rows = drawn_rows if task == "instance" else list(range(len(shown)))
+                response["regions_png"] = _png_data_url(self._regions(result, task, response, rows))
+                response["labels"] = _labels(layout, rows, int(image.shape[2]), int(image.shape[1]))
+        if record_name is not None:
+            response["record"] = self.record(image, result, task, record_name)
         return response
+
+    def _regions(self, result: Any, task: str, response: dict[str, Any], rows: list[int]) -> Image.Image:
+        """Which table row each pixel shows (row + 1 in red + 256 x green, 0: none), for the page's hover: the
+        instance on top where instances overlap, as the overlay draws them."""
+        if task == "panoptic":
+            segment_map = result[0].cpu().numpy().astype(np.int64)
+            row_of = np.zeros(int(segment_map.max(initial=0)) + 1, dtype=np.int64)
+            for row, segment in enumerate(response["segments"]):
+                row_of[segment["id"]] = row + 1
+            index = row_of[np.clip(segment_map, 0, None)]
+        elif task == "semantic":
+            class_map = result.cpu().numpy().astype(np.int64)
+            row_of = np.zeros(self.label_space.num_classes + 1, dtype=np.int64)
+            for row, entry in enumerate(response["classes"]):
+                row_of[entry["label"]] = row + 1
+            index = row_of[np.clip(class_map, 0, self.label_space.num_classes)]
+        else:
+            keep = [i for i, score in enumerate(result["scores"].tolist()) if score >= response["score_threshold"]]
+            masks = result["masks"].cpu().numpy().astype(bool)
+            index = np.zeros(masks.shape[-2:], dtype=np.int64)
+            for row in rows:
+                index[masks[keep[row]]] = row + 1
+        rgb = np.stack([index % 256, index // 256 % 256, np.zeros_like(index)], -1).astype(np.uint8)
+        return Image.fromarray(rgb)
+
+    def record(self, image: torch.Tensor, result: Any, task: str, file_name: str) -> dict[str, Any]:
+        """What ``mask2former predict`` records for a file ``file_name`` holding this image: its ``summary.json``
+        entry and its results entries (the same code writes both; result PNGs go to a folder thrown away)."""
+        from ..apps.predict_files import image_id_of, summary_entry
+
+        image_id = image_id_of(Path(file_name))
+        with tempfile.TemporaryDirectory() as scratch:
+            added = ResultsWriter(scratch, self.label_space, (task,)).add(image_id, Path(file_name).stem,
+                                                                          {task: result})
+        return {"summary": summary_entry(task, self.label_space, file_name, image_id, image, result),
+                "results": added.get(task)}
 
     def predict(self, data: bytes, task: str = "panoptic", score_threshold: float = 0.5, overlay: bool = True,
                 legend: bool = True) -> dict[str, Any]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import sys
 import time
 from contextlib import ExitStack
@@ -22,21 +21,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..config import Config, save_config
+from ..data.json_io import dumps, finite_or_none
 from . import distributed as dist_utils
 from .resume import atomic_write_text
 
 logger = logging.getLogger("mask2former.train")
-
-
-def finite_or_none(value: Any) -> Any:
-    """NaN/inf -> None, so that metrics.jsonl is strict JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: finite_or_none(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite_or_none(item) for item in value]
-    return value
 
 
 def flatten_numbers(values: dict[str, Any], prefix: str = "") -> dict[str, float]:
@@ -126,7 +115,7 @@ class MetricsLog:
     # --------------------------------------------------------------------------------------------- rows
     def write_row(self, row: dict[str, Any]) -> None:
         if self.enabled and self._file is not None:
-            self._file.write(json.dumps(finite_or_none(row), allow_nan=False) + "\n")
+            self._file.write(dumps(row) + "\n")
             self._file.flush()
 
     def add_scalars(self, prefix: str, values: dict[str, Any], step: int) -> None:
