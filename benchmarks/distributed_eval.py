@@ -96,7 +96,7 @@ def main() -> None:
     single_thread = best.get("1x1", one)
     equal_tables = one["table"] == many["table"] == single_thread["table"]
     differences = {key: abs(one["metrics"][key] - many["metrics"][key]) for key in one["metrics"]
-                   if one["metrics"][key] == one["metrics"][key]}  # NaN-free keys
+                   if one["metrics"][key] is not None and many["metrics"][key] is not None}  # undefined = null
     result = {
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
         "checkpoint": args.checkpoint, "config": args.config, "overrides": args.overrides,
