@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from mask2former.apps.predict_files import predict_files
@@ -25,18 +24,11 @@ from mask2former.serve import SegmentationService, make_server
 from mask2former.viz import visualize
 
 from test_serve import LABELS, MAX_PIXELS, MAX_UPLOAD, make_model, png_bytes, predict
+from test_serve import _one_torch_thread  # noqa: F401 - the same autouse fixture
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
 ROWS_KEY = {"panoptic": "segments", "instance": "instances", "semantic": "classes"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
