@@ -69,17 +69,21 @@ def predictor():
     return Predictor(make_model(), top_k=8, overlap_threshold=0.1)
 
 
-@pytest.fixture(scope="module")
-def server(predictor):
-    # a short stall limit so that the 408 test is quick; local uploads arrive at once
-    server = make_server(predictor, "127.0.0.1", 0, max_upload_bytes=MAX_UPLOAD, max_pixels=MAX_PIXELS,
-                         body_timeout_s=2.0)
+def running_server(predictor, **options):
+    """A test server on a free local port, serving in a thread until the generator is closed."""
+    server = make_server(predictor, "127.0.0.1", 0, max_upload_bytes=MAX_UPLOAD, max_pixels=MAX_PIXELS, **options)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield server
     server.shutdown()
     server.server_close()
     thread.join(5)
+
+
+@pytest.fixture(scope="module")
+def server(predictor):
+    # a short stall limit so that the 408 test is quick; local uploads arrive at once
+    yield from running_server(predictor, body_timeout_s=2.0)
 
 
 @pytest.fixture(scope="module")

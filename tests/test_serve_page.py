@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -20,10 +19,10 @@ from mask2former.apps.predict_files import predict_files
 from mask2former.data.fashion_scenes import FashionScenes
 from mask2former.inference.predictor import Predictor
 from mask2former.label_layout import boxes_intersect
-from mask2former.serve import SegmentationService, make_server
+from mask2former.serve import SegmentationService
 from mask2former.viz import visualize
 
-from test_serve import LABELS, MAX_PIXELS, MAX_UPLOAD, make_model, png_bytes, predict
+from test_serve import LABELS, make_model, png_bytes, predict, running_server
 from test_serve import _one_torch_thread  # noqa: F401 - the same autouse fixture
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -38,13 +37,7 @@ def predictor():
 
 @pytest.fixture(scope="module")
 def server(predictor):
-    server = make_server(predictor, "127.0.0.1", 0, max_upload_bytes=MAX_UPLOAD, max_pixels=MAX_PIXELS)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
-    thread.join(5)
+    yield from running_server(predictor)
 
 
 @pytest.fixture(scope="module")
