@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import dataclasses
 import itertools
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -42,6 +42,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))  # random_inputs.py: the tests' random targets
 
 from forward_vs_transformers import build_transformers_model  # noqa: E402  (same weights as the forward benchmark)
+from machine import machine_kind  # noqa: E402
 
 NUM_SEGMENTS = 6
 
@@ -79,6 +80,8 @@ def main() -> None:
     parser.add_argument("--num-classes", type=int, default=133)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--transformers-bf16", action="store_true", help="also time transformers under bf16 autocast")
+    parser.add_argument("--bf16", choices=("auto", "yes", "no"), default="auto",
+                        help="time our bf16 step (auto: where bf16 is native; emulated bf16 is ~100x slower)")
     parser.add_argument("--output", type=Path, default=None)
     parser.add_argument("--profile", action="store_true", help="also print the top operators of each fp32 step")
     args = parser.parse_args()
@@ -88,6 +91,7 @@ def main() -> None:
 
     from mask2former.config import Config, SolverConfig, TrainConfig
     from mask2former.modeling.model import Mask2Former
+    from mask2former.modeling.precision import native_bf16
     from mask2former.training.build import build_criterion
     from mask2former.training.trainer import Trainer
 
@@ -113,14 +117,18 @@ def main() -> None:
                     train=TrainConfig(output_dir=run_dir))
 
     def our_trainer(precision: str) -> Trainer:
+        # Each variant trains its own copy: sharing one model would make each one's steps move the other's weights.
         precision_config = dataclasses.replace(config, solver=dataclasses.replace(config.solver, precision=precision))
-        trainer = Trainer(precision_config, model=ours, train_dataset=[None], criterion=build_criterion(
+        trainer = Trainer(precision_config, model=copy.deepcopy(ours), train_dataset=[None], criterion=build_criterion(
             config, args.num_classes), device=device, progress_bar=False, tensorboard=False)
         trainer.model.train()
         return trainer
 
     batches = itertools.repeat(batch)
-    trainers = {"fp32": our_trainer("fp32"), "bf16": our_trainer("bf16")}
+    with_bf16 = args.bf16 == "yes" or (args.bf16 == "auto" and native_bf16(device))
+    trainers = {"fp32": our_trainer("fp32")}
+    if with_bf16:
+        trainers["bf16"] = our_trainer("bf16")
     if device.type == "cuda":
         trainers["fp16"] = our_trainer("fp16")
     their_optimizer = torch.optim.AdamW(theirs.parameters(), lr=1e-4, weight_decay=0.05)
@@ -153,8 +161,9 @@ def main() -> None:
             last_loss[f"transformers_{precision}"] = float(loss.detach())
         return step
 
-    variants = {"ours_fp32": ours_step("fp32"), "transformers_fp32": theirs_step("fp32"),
-                "ours_bf16": ours_step("bf16")}
+    variants = {"ours_fp32": ours_step("fp32"), "transformers_fp32": theirs_step("fp32")}
+    if with_bf16:
+        variants["ours_bf16"] = ours_step("bf16")
     if args.transformers_bf16 or device.type == "cuda":
         variants["transformers_bf16"] = theirs_step("bf16")
     if device.type == "cuda":
@@ -224,8 +233,7 @@ def main() -> None:
         "first_step_loss": {name: round(value, 3) for name, value in first_loss.items()},
         "peak_memory_gib": {name: round(value, 2) for name, value in peak_memory.items()} or None,
         "load_average_before_after": [list(load_before), list(os.getloadavg())],
-        "machine": {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-                    "torch": torch.__version__, "transformers": transformers.__version__,
+        "machine": {**machine_kind(), "torch": torch.__version__, "transformers": transformers.__version__,
                     "python": sys.version.split()[0]},
     }
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -53,6 +53,11 @@ class Backbone(nn.Module):
             self.weights_report = self._load_imagenet_weights(config, swin=False)
             if config.freeze_bn:
                 self.body = freeze_batch_norm_2d(self.body)
+        # CNN bodies run channels-last (NHWC): oneDNN's depthwise convolutions are 2-3x faster there, backward above
+        # all (EfficientNet-Lite0's default training step: -15 % on an AVX2 CPU); Swin has no convolutions to gain.
+        self.channels_last = not name.startswith("swin")
+        if self.channels_last:
+            self.body.to(memory_format=torch.channels_last)
         freeze_stages(self.body, level_modules, config.freeze_at)
 
     def _load_imagenet_weights(self, config: BackboneConfig, swin: bool) -> str:
@@ -86,7 +91,10 @@ class Backbone(nn.Module):
         return f"backbone {name}: offline ImageNet weights (interop/efficientnet_lite.py)"
 
     def forward(self, images: Tensor) -> list[Tensor]:
-        return list(self.body(images))
+        if not self.channels_last:
+            return list(self.body(images))
+        # The features go back to NCHW: the pixel decoder's dense 3x3 convolutions are faster there.
+        return [feature.contiguous() for feature in self.body(images.contiguous(memory_format=torch.channels_last))]
 
 
 # False while a checkpoint is about to replace every backbone tensor (see skip_imagenet_weights).

@@ -144,6 +144,7 @@ class _MSDeformAttnFunction(torch.autograd.Function):
         _, queries, _, num_levels, points, _ = sampling_locations.shape
         library = load_library(_SCALARS[value.dtype])
         output = torch.empty(batch, queries, heads, head_dim, dtype=value.dtype)
+        value = value.transpose(1, 2).contiguous()
         with torch.profiler.record_function("mask2former::msda_forward"):  # named in profiles
             library.msda_forward(value.data_ptr(), levels.data_ptr(), sampling_locations.data_ptr(),
                                  attention_weights.data_ptr(), output.data_ptr(), batch, tokens, queries, heads,
@@ -155,7 +156,7 @@ class _MSDeformAttnFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_output: Tensor):
         value, levels, sampling_locations, attention_weights = ctx.saved_tensors
-        batch, tokens, heads, head_dim = value.shape
+        batch, heads, tokens, head_dim = value.shape  # saved head-major
         _, queries, _, num_levels, points, _ = sampling_locations.shape
         grad_output = grad_output.to(value.dtype).contiguous()
         grad_value = torch.zeros_like(value)
@@ -165,7 +166,7 @@ class _MSDeformAttnFunction(torch.autograd.Function):
             value.data_ptr(), levels.data_ptr(), sampling_locations.data_ptr(), attention_weights.data_ptr(),
             grad_output.data_ptr(), grad_value.data_ptr(), grad_locations.data_ptr(), grad_weights.data_ptr(),
             batch, tokens, queries, heads, head_dim, num_levels, points, torch.get_num_threads())
-        return grad_value, None, grad_locations, grad_weights
+        return grad_value.transpose(1, 2), None, grad_locations, grad_weights
 
 
 def ms_deform_attn_cpu(value: Tensor, spatial_shapes, sampling_locations: Tensor, attention_weights: Tensor) -> Tensor:
@@ -195,6 +196,7 @@ def msda_forward_bf16(value: Tensor, levels: Tensor, sampling_locations: Tensor,
     batch, tokens, heads, head_dim = value.shape
     _, queries, _, num_levels, points, _ = sampling_locations.shape
     output = torch.empty(batch, queries, heads, head_dim, dtype=torch.bfloat16)
+    value = value.transpose(1, 2).contiguous()  # the kernel reads head-major [B, heads, S, D]
     with torch.profiler.record_function("mask2former::msda_forward_bf16"):  # eager custom ops are not recorded
         load_library("bfloat16").msda_forward(
             value.data_ptr(), levels.data_ptr(), sampling_locations.data_ptr(), attention_weights.data_ptr(),

@@ -2,7 +2,9 @@
  *
  * Compiled at run time by cpu_ms_deform_attn.py, once per SCALAR (float or double, set on the command line; float
  * with VALUE_BF16 for the bfloat16 inference forward), and called through ctypes. All tensors are contiguous:
- *   value [B, S, H, D]; locations [B, Q, H, L, P, 2] as (x, y) in [0, 1]; weights [B, Q, H, L, P];
+ *   value [B, H, S, D], head-major (the caller transposes it: one (batch, head) pair's slice is then contiguous and
+ *   stays in cache, 15-20 % faster backward than [B, S, H, D]); locations [B, Q, H, L, P, 2] as (x, y) in [0, 1];
+ *   weights [B, Q, H, L, P];
  *   output [B, Q, H, D]; levels [L, 3] int64 as (height, width, first token).
  * Sampling is bilinear with align_corners=False and zero padding, as grid_sample does: pixel x = x * width - 0.5.
  *
@@ -73,14 +75,14 @@ static inline void find_corners(scalar_t x, scalar_t y, const int64_t *level, co
 void msda_forward(const value_t *value, const int64_t *levels, const scalar_t *locations, const scalar_t *weights,
                   value_t *output, int64_t batch, int64_t tokens, int64_t queries, int64_t heads, int64_t dim,
                   int64_t num_levels, int64_t num_points, int threads) {
-    const int64_t samples = num_levels * num_points, token_stride = heads * dim;
+    const int64_t samples = num_levels * num_points;
     const int64_t blocks = (queries + QUERY_BLOCK - 1) / QUERY_BLOCK;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t task = 0; task < batch * heads * blocks; ++task) {
         const int64_t pair = task / blocks, b = pair / heads, h = pair % heads;
         const int64_t first = task % blocks * QUERY_BLOCK;
         const int64_t last = first + QUERY_BLOCK < queries ? first + QUERY_BLOCK : queries;
-        const value_t *pair_value = value + b * tokens * token_stride + h * dim;
+        const value_t *pair_value = value + pair * tokens * dim;
         /* Padding corners read this zero row: the four corners then add up in one pass over D, branch-free. */
         value_t zero_row[dim];
         memset(zero_row, 0, sizeof(zero_row));
@@ -97,7 +99,7 @@ void msda_forward(const value_t *value, const int64_t *levels, const scalar_t *l
                     const value_t *restrict v[4];
                     scalar_t coefficient[4];
                     for (int k = 0; k < 4; ++k) {
-                        v[k] = c.token[k] < 0 ? zero_row : pair_value + c.token[k] * token_stride;
+                        v[k] = c.token[k] < 0 ? zero_row : pair_value + c.token[k] * dim;
                         coefficient[k] = row_weights[s] * c.weight[k];
                     }
                     for (int64_t d = 0; d < dim; ++d)
@@ -117,11 +119,11 @@ void msda_backward(const scalar_t *value, const int64_t *levels, const scalar_t 
                    const scalar_t *grad_output, scalar_t *grad_value, scalar_t *grad_locations,
                    scalar_t *grad_weights, int64_t batch, int64_t tokens, int64_t queries, int64_t heads, int64_t dim,
                    int64_t num_levels, int64_t num_points, int threads) {
-    const int64_t samples = num_levels * num_points, token_stride = heads * dim;
+    const int64_t samples = num_levels * num_points;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t pair = 0; pair < batch * heads; ++pair) { /* pair = b * H + h */
         const int64_t b = pair / heads, h = pair % heads;
-        const int64_t offset = b * tokens * token_stride + h * dim;
+        const int64_t offset = pair * tokens * dim;
         const scalar_t *pair_value = value + offset;
         scalar_t *pair_grad_value = grad_value + offset;
         /* Padding corners read the zero row and write their (unused) value gradient into the sink row, so the four
@@ -143,8 +145,8 @@ void msda_backward(const scalar_t *value, const int64_t *levels, const scalar_t 
                     scalar_t *restrict gv[4];
                     scalar_t coefficient[4];
                     for (int k = 0; k < 4; ++k) {
-                        v[k] = c.token[k] < 0 ? zero_row : pair_value + c.token[k] * token_stride;
-                        gv[k] = c.token[k] < 0 ? sink_row : pair_grad_value + c.token[k] * token_stride;
+                        v[k] = c.token[k] < 0 ? zero_row : pair_value + c.token[k] * dim;
+                        gv[k] = c.token[k] < 0 ? sink_row : pair_grad_value + c.token[k] * dim;
                         coefficient[k] = row_weights[s] * c.weight[k];
                     }
                     /* grad_weight = sum_k weight_k <v_k, g> and likewise for the slopes: three dot products of g
