@@ -101,3 +101,18 @@ def test_uncertain_point_coords_global_rng_reproducible_and_validated():
         uncertain_point_coords(torch.randn(2, 2, 6, 6), 16)
     with pytest.raises(ValueError, match="importance_sample_ratio"):
         uncertain_point_coords(logits, 16, importance_sample_ratio=1.5)
+
+
+def test_point_sample_matched_equals_sampling_the_gathered_masks():
+    from mask2former.training.point_sampling import point_sample_matched
+
+    generator = torch.Generator().manual_seed(3)
+    masks = [(torch.rand(n, 20, 24, generator=generator) > 0.5).float() for n in (5, 3, 0, 4)]
+    # image 0: 3 of 5 targets matched, out of order; image 1: all; image 2: none; image 3: a target matched twice
+    # (a hand-made assignment), which takes the gathering path.
+    indices = [torch.tensor([4, 0, 2]), torch.tensor([1, 2, 0]), torch.tensor([], dtype=torch.int64),
+               torch.tensor([3, 3, 1])]
+    coords = torch.rand(9, 50, 2, generator=generator) * 1.2 - 0.1  # some points outside the map read zeros
+    gathered = torch.cat([m[j] for m, j in zip(masks, indices)])[:, None]
+    expected = point_sample(gathered, coords)[:, 0]
+    assert torch.equal(point_sample_matched(masks, indices, coords), expected)

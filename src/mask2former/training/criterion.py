@@ -8,6 +8,7 @@ MP-Former's direct (matching-free) assignment reuses it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -17,9 +18,17 @@ from torch import Tensor, nn
 
 from .losses import dice_loss, sigmoid_ce_loss, sigmoid_focal_loss
 from .matcher import HungarianMatcher, validate_targets
-from .point_sampling import point_sample, uncertain_point_coords
+from .point_sampling import point_sample, point_sample_matched, uncertain_point_coords
 
 Indices = list[tuple[Tensor, Tensor]]
+
+
+@dataclass
+class MatchedTargets:
+    """The matched target masks, named rather than gathered: row k is ``masks[i][indices[i][k']]`` in image order."""
+
+    masks: list[Tensor]  # per image, float [N, H, W]
+    indices: list[Tensor]  # per image, the matched target indices in pair order
 
 
 def compute_num_masks(targets: list[dict], device: torch.device) -> float:
@@ -175,7 +184,10 @@ class SetCriterion(nn.Module):
         batch_idx, query_idx, target_idx = _flat_indices(indices, pred_logits.device)
         loss_ce = self.class_loss(pred_logits, targets, indices, batch_idx, query_idx)
         matched_masks = pred_masks[batch_idx, query_idx]  # [M, h, w]
-        target_masks = torch.cat([t["masks"][j.to(t["masks"].device)] for t, (_, j) in zip(targets, indices)])
+        if self.mask_loss == "points":  # targets are only read at the sampled points: no full-resolution gather
+            target_masks: Tensor | MatchedTargets = MatchedTargets([t["masks"] for t in targets], [j for _, j in indices])
+        else:
+            target_masks = torch.cat([t["masks"][j.to(t["masks"].device)] for t, (_, j) in zip(targets, indices)])
         loss_mask, loss_dice = self.mask_losses(matched_masks, target_masks, num_masks, generator)
         return {
             "loss_ce": self.class_weight * loss_ce,
@@ -200,28 +212,32 @@ class SetCriterion(nn.Module):
             )
 
     def mask_losses(
-        self, matched_masks: Tensor, target_masks: Tensor, num_masks: float, generator: torch.Generator | None = None
+        self, matched_masks: Tensor, target_masks: Tensor | MatchedTargets, num_masks: float,
+        generator: torch.Generator | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """Unweighted (mask, dice) losses of matched logits `[M,h,w]` vs float targets `[M,H,W]`,
-        each summed over masks and divided by `num_masks`, computed in fp32."""
+        """Unweighted (mask, dice) losses of matched logits `[M,h,w]` vs float targets `[M,H,W]` (or, for the
+        point loss, `MatchedTargets` that name them), each summed over masks and divided by `num_masks`, in fp32."""
         if matched_masks.shape[0] == 0:
             # Keep the graph connected (DDP expects every output to get a gradient), value exactly 0.
             zero = matched_masks.float().flatten()[:0].sum()
             return zero, zero.clone()
         with torch.autocast(device_type=matched_masks.device.type, enabled=False):
             logits = matched_masks.float()[:, None]  # [M,1,h,w]
-            targets = target_masks.float()[:, None]
             if self.mask_loss == "points":
                 with torch.no_grad():
                     coords = uncertain_point_coords(
                         logits, self.num_points, self.oversample_ratio, self.importance_sample_ratio, generator
                     )
-                    point_targets = point_sample(targets, coords)[:, 0]
+                    if isinstance(target_masks, MatchedTargets):
+                        point_targets = point_sample_matched(target_masks.masks, target_masks.indices, coords)
+                    else:
+                        point_targets = point_sample(target_masks.float()[:, None], coords)[:, 0]
                 point_logits = point_sample(logits, coords)[:, 0]
                 return (
                     sigmoid_ce_loss(point_logits, point_targets, num_masks),
                     dice_loss(point_logits, point_targets, num_masks),
                 )
+            targets = target_masks.float()[:, None]
             upsampled = F.interpolate(logits, size=targets.shape[-2:], mode="bilinear", align_corners=False)
             upsampled, flat_targets = upsampled.flatten(1), targets.flatten(1)
             return (

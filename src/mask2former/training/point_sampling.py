@@ -25,6 +25,30 @@ def point_sample(inputs: Tensor, coords: Tensor) -> Tensor:
     return F.grid_sample(inputs, grid, mode="bilinear", padding_mode="zeros", align_corners=False).squeeze(3)
 
 
+def point_sample_matched(masks_per_image: list[Tensor], targets_per_image: list[Tensor], coords: Tensor) -> Tensor:
+    """``point_sample`` of the matched target masks ``cat([masks[j] for masks, j in ...])`` at ``coords[M,P,2]``
+    -> ``[M,P]``, without gathering full-resolution masks (at 256^2 the gather and concatenation took 10 % of the
+    default training step): each image's masks ``[N,H,W]`` are sampled in place, each target at the coordinates of
+    the pair it is matched in. Every output reads only its own plane at its own point, so the values are those of
+    ``point_sample`` on the gathered masks. A target matched twice (possible in a hand-made assignment) is gathered.
+    """
+    rows, start = [], 0
+    for masks, target in zip(masks_per_image, targets_per_image):
+        count = len(target)
+        if count == 0:
+            continue
+        target = target.to(masks.device)
+        pair_coords = coords[start:start + count]
+        start += count
+        if len(torch.unique(target)) < count:
+            rows.append(point_sample(masks[target][:, None], pair_coords)[:, 0])
+            continue
+        grid = pair_coords.new_zeros(masks.shape[0], coords.shape[1], 2)  # unmatched targets: sampled, dropped
+        grid[target] = pair_coords
+        rows.append(point_sample(masks[:, None], grid)[:, 0][target])
+    return torch.cat(rows) if rows else coords.new_zeros(0, coords.shape[1])
+
+
 def point_sample_shared(inputs: Tensor, coords: Tensor) -> Tensor:
     """Bilinearly read every channel of `inputs[C,H,W]` at the same `coords[P,2]` -> `[C,P]`, as `point_sample`.
 
