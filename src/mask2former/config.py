@@ -179,6 +179,9 @@ class SolverConfig:
     batch_size: int = 16
     accumulation_steps: int = 1
     precision: str = "fp32"  # fp32 | bf16 | fp16 | auto (bf16 where the device runs it natively, else fp32)
+    # > 0: max_iter is chosen after 20 timed iterations so that the whole run fits this many minutes
+    # (training/time_budget.py); the choice is printed and saved. 0: max_iter as given (reproducible).
+    time_budget_minutes: float = 0.0
 
 
 TASKS = ("panoptic", "instance", "semantic")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -45,7 +46,10 @@ def run_train(config: Config, resume: bool = False, explicit_model_keys: Iterabl
     wins over it. ``explicit_model_keys``: the ``model.*`` keys the user set explicitly (command-line overrides),
     which win over the checkpoint's architecture."""
     from ..training import distributed as dist_utils
+    from ..training.time_budget import TimeBudget
     from ..training.trainer import Trainer, seed_everything
+
+    started = time.perf_counter()
 
     if not config.model.weights:
         check_backbone_weights(config)
@@ -65,8 +69,13 @@ def run_train(config: Config, resume: bool = False, explicit_model_keys: Iterabl
         model = build_model(config, label_space)
     criterion = build_criterion(config, label_space.num_classes)
     evaluate_fn = build_evaluate_fn(config, label_space) if val_dataset is not None else None
+    budget = config.solver.time_budget_minutes
+    if budget < 0:
+        raise ValueError(f"solver.time_budget_minutes must be >= 0, got {budget}")
+    # On --resume the run's config.yaml already holds the max_iter the budget chose.
+    callbacks = [TimeBudget(budget, started)] if budget > 0 and not resume else []
     trainer = Trainer(config, model, train_dataset, val_dataset, label_space, criterion=criterion,
-                      evaluate_fn=evaluate_fn)
+                      evaluate_fn=evaluate_fn, callbacks=callbacks)
     if trainer.is_main:  # where the backbone's weights came from (or that it starts random)
         print(weights_report or getattr(model.backbone, "weights_report", ""), flush=True)
         if getattr(trainer, "freeze_report", None):
