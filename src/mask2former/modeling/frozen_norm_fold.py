@@ -10,7 +10,6 @@ product is rounded once in another order (fp32: relative differences ~1e-7).
 
 from __future__ import annotations
 
-import torch.nn.functional as F
 from timm.layers import FrozenBatchNormAct2d
 from timm.layers.conv2d_same import Conv2dSame
 from timm.layers.padding import pad_same
