@@ -20,7 +20,7 @@ def test_planned_iterations_hand_computed():
 
 
 class FakeClock:
-    """perf_counter() for time_budget: the command starts at 0, training at 10 s, then 3 s per call."""
+    """perf_counter() for time_budget: 10 s at the first call, 3 s more at each later one."""
 
     def __init__(self) -> None:
         self.calls = 0
@@ -39,8 +39,7 @@ def test_budget_sets_max_iter_schedule_and_config(tmp_path, monkeypatch):
             super().__init__(minutes, 0.0, probe_steps=2)
 
     monkeypatch.setattr(time_budget, "TimeBudget", ProbingTwoSteps)
-    # Training clock at 10 s, decision after 2 steps at 13 s: 1.5 s per step; evaluating 2 val images ~0.9 s;
-    # 0.15 min = 9 s are already spent -> stop after the next step (3).
+    # Training starts at 10 s on the fake clock; 0.15 min = 9 s are spent by the decision -> stop after step 3.
     config = load_config("fashion_scenes_lite0", TINY + [f"train.output_dir={tmp_path}", "solver.max_iter=50",
                                                          "solver.time_budget_minutes=0.15"])
     result = run_train(config, resume=False)
@@ -75,12 +74,15 @@ def test_budget_grows_max_iter_and_rebuilds_the_lr_schedule(monkeypatch):
     monkeypatch.setattr(time_budget, "time", clock)
     callback = time_budget.TimeBudget(1.0, started=0.0, probe_steps=2)
     callback.on_train_start(trainer)  # 10 s
-    callback.on_step_end(trainer, 1, None)  # still probing: no decision, no clock read
+    callback.on_step_end(trainer, 1, None)  # 13 s: step 1 is not timed (warm-up); the clock starts here
     assert trainer.config.solver.max_iter == 10
-    callback.on_step_end(trainer, 2, None)  # 13 s: 1.5 s/step, eval 2 * 0.6 * 1.5 / 2 = 0.9 s
-    expected = 2 + int((60 - 13 - 0.9) // 1.5)
-    assert trainer.config.solver.max_iter == expected == 32
-    # The lr schedule is the poly schedule of the new max_iter: after the 20 warm-up steps, (1 - step/32)^0.9.
+    callback.on_step_end(trainer, 2, None)  # 16 s: 3 s per step
+    assert time_budget.EVAL_COST_PER_TRAIN_IMAGE == 0.55 and trainer.config.solver.batch_size == 2
+    evaluation = 2 * 0.55 * 3 / 2  # val images * fraction * seconds per step / batch size
+    expected = 2 + int((60 - 16 - evaluation) // 3)
+    assert trainer.config.solver.max_iter == expected == 16
+    # The lr schedule is the poly schedule of the new max_iter: (1 - step/16)^0.9 times the linear warm-up.
     solver = trainer.config.solver
-    assert isinstance(solver, SolverConfig) and solver.warmup_iters == 20
-    assert trainer.scheduler.lr_lambdas[0](25) == pytest.approx((1 - 25 / 32) ** solver.poly_power)
+    assert isinstance(solver, SolverConfig) and solver.warmup_iters == 20 and solver.warmup_factor == 0.01
+    warmup = 0.01 * (1 - 12 / 20) + 12 / 20
+    assert trainer.scheduler.lr_lambdas[0](12) == pytest.approx(warmup * (1 - 12 / 16) ** solver.poly_power)
