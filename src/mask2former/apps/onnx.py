@@ -50,11 +50,12 @@ def default_check_sizes(height: int, width: int, divisor: int) -> list[tuple[int
 def export_onnx(checkpoint: str | Path | Mask2Former, out: str | Path, height: int = 256, width: int = 256,
                 opset: int = 17, quantize: str | None = None,
                 check_sizes: Sequence[tuple[int, int, int]] | None = None,
-                runtime: str = "onnxruntime") -> dict[str, Any]:
+                runtime: str = "onnxruntime", check: bool = True) -> dict[str, Any]:
     """Export one file that runs at any batch size, height and width (traced at ``height`` x ``width``), check it
     against PyTorch on ``runtime`` (onnxruntime or openvino, fp32) at ``check_sizes`` (default: square, non-square,
     needs padding), and with ``quantize="int8"`` also write ``<stem>.int8.onnx`` (onnxruntime's dynamic int8, see
-    ``quantize_onnx``) and compare it with the fp32 file (on onnxruntime, which runs its operators).
+    ``quantize_onnx``) and compare it with the fp32 file (on onnxruntime, which runs its operators). ``check=False``
+    skips the comparison (for a caller that checks what it converts the file into).
 
     The TorchScript exporter is used: under tracing the input's sizes are 0-dim tensors, and the model keeps them
     as tensors where a shape is computed (padding to ``size_divisibility``, Swin window padding and masks, position
@@ -74,6 +75,8 @@ def export_onnx(checkpoint: str | Path | Mask2Former, out: str | Path, height: i
         import_optional("onnxruntime", "onnxruntime int8 quantisation")
     model = checkpoint if isinstance(checkpoint, Mask2Former) else Mask2Former.from_pretrained(checkpoint)
     model = model.eval().float()
+    if quantize is not None and not check:
+        raise ValueError("export: quantize needs check=True (the int8 file is compared with the checked fp32 file)")
     if quantize is not None and quantize not in QUANTIZE_MODES:
         raise ValueError(f"export: quantize must be one of {', '.join(QUANTIZE_MODES)}, got {quantize!r}")
     out = Path(out)
@@ -98,6 +101,8 @@ def export_onnx(checkpoint: str | Path | Mask2Former, out: str | Path, height: i
     _write_sidecar(model, out, (height, width), "fp32")
     report: dict[str, Any] = {"onnx": str(out), "traced_size": [height, width], "dynamic_axes": ["batch", "height", "width"],
                               "export_seconds": round(export_seconds, 2), "checked_on": runtime, "checks": []}
+    if not check:
+        return report
     runner = load_exported(out, runtime)
     generator = torch.Generator().manual_seed(0)
     inputs = [torch.randn(batch_size, 3, h, w, generator=generator)
