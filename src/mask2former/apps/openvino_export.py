@@ -3,7 +3,8 @@
 (static int8, activation ranges calibrated on training images), each checked against PyTorch on OpenVINO.
 
 The IR is written because NNCF's int8 model can only be saved as IR; for fp32, OpenVINO reads the ``.onnx`` file
-itself as fast as its IR (read 0.2 s vs 0.3 s, compile ~4 s either way for the default model on a 2-core EPYC),
+itself as fast as its IR (default model, 2-core EPYC under load, 4 alternating loads: read 0.2-0.8 s from ONNX vs
+0.3-0.6 s from IR, compile 4-8 s either way),
 so ``predict --onnx model.onnx --runtime openvino`` needs no conversion step."""
 
 from __future__ import annotations
