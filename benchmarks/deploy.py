@@ -1,5 +1,8 @@
 """Deployment table: PyTorch fp32, PyTorch bf16 autocast, onnxruntime fp32 and onnxruntime int8 (dynamic
-quantisation, ``mask2former export --quantize int8``) on the CPU, side by side in one process.
+quantisation, ``mask2former export --quantize int8``), OpenVINO f32, OpenVINO bf16 (only where the CPU runs it
+natively: avx512_bf16 / amx_bf16; elsewhere OpenVINO would run f32 and the column is left out, with the reason in the
+JSON) and OpenVINO int8 (NNCF post-training quantisation, ``export --format openvino --quantize int8``, calibrated
+on ``--calibration-images`` FashionScenes *train* images) on the CPU, side by side in one process.
 
 - Default model (``--checkpoint``, the trained FashionScenes model): PQ / AP / mIoU on ``--num-val`` FashionScenes val
   images through ``evaluation.evaluate_model`` (the same Predictor and metric code as ``mask2former evaluate``), and
@@ -8,11 +11,13 @@ quantisation, ``mask2former export --quantize int8``) on the CPU, side by side i
   informative random weights, loaded into ours): latency, and mask-sign agreement with PyTorch fp32.
 
 Both ONNX files are one dynamic-size export each (traced at the benchmark size); the export report (max |diff| to
-PyTorch at three other sizes) is included. Timings are interleaved (one run of every variant per round) and the
-median of ``--repeats`` rounds after ``--warmup`` is reported; PyTorch and onnxruntime both get ``--threads``
-intra-op threads. Run under ``flock /tmp/bench.lock`` on a shared machine.
+PyTorch at three other sizes) is included. OpenVINO reads that ONNX file itself. Timings are interleaved (one run of
+every variant per round) and the median of ``--repeats`` rounds after ``--warmup`` is reported; PyTorch,
+onnxruntime and OpenVINO all get ``--threads`` intra-op threads. The JSON records the CPU model and the lscpu flags
+that decide bf16/int8 speed (AVX-512, AMX, VNNI). Run under ``flock /tmp/bench.lock`` on a shared machine.
 
     python benchmarks/deploy.py [--checkpoint runs/fashion_scenes/model_final] [--threads 2] [--repeats 40]
+        [--calibration-images 300] [--swin-calibration-images 50] [--skip-openvino]
 
 Writes benchmarks/results/deploy.json and the markdown table to deploy.md (and prints it).
 """
@@ -34,14 +39,26 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "deploy.json"
-VARIANTS = ("pytorch_fp32", "pytorch_bf16", "onnxruntime_fp32", "onnxruntime_int8")
+VARIANTS = ("pytorch_fp32", "pytorch_bf16", "onnxruntime_fp32", "onnxruntime_int8", "openvino_fp32", "openvino_bf16",
+            "openvino_int8")
 
 
-def make_runners(model, fp32_path: Path, int8_path: Path, threads: int) -> dict:
-    from mask2former.apps.onnx import OnnxModel
+def make_runners(model, paths: dict, threads: int) -> dict:
+    """Callables for every variant that runs here (``_models``: the exported-model objects, ``_skipped``: why a
+    variant does not run)."""
+    from mask2former.inference.runtimes import load_exported
 
-    onnx_fp32 = OnnxModel(fp32_path, threads=threads)
-    onnx_int8 = OnnxModel(int8_path, threads=threads)
+    exported = {"onnxruntime_fp32": load_exported(paths["onnx"], "onnxruntime", threads=threads),
+                "onnxruntime_int8": load_exported(paths["onnx_int8"], "onnxruntime", threads=threads)}
+    skipped = {}
+    if "openvino_int8" in paths:
+        exported["openvino_fp32"] = load_exported(paths["onnx"], "openvino", "fp32", threads=threads)
+        bf16 = load_exported(paths["onnx"], "openvino", "bf16", threads=threads)
+        if bf16.precision == "bf16":
+            exported["openvino_bf16"] = bf16
+        else:
+            skipped["openvino_bf16"] = f"bf16 requested, OpenVINO runs {bf16.precision}: no native bf16 on this CPU"
+        exported["openvino_int8"] = load_exported(paths["openvino_int8"], "openvino", "fp32", threads=threads)
 
     def pytorch(images, bf16: bool):
         context = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
@@ -51,19 +68,24 @@ def make_runners(model, fp32_path: Path, int8_path: Path, threads: int) -> dict:
     return {
         "pytorch_fp32": lambda images: pytorch(images, False),
         "pytorch_bf16": lambda images: pytorch(images, True),
-        "onnxruntime_fp32": onnx_fp32,
-        "onnxruntime_int8": onnx_int8,
-        "_models": {"onnxruntime_fp32": onnx_fp32, "onnxruntime_int8": onnx_int8},
+        **exported,
+        "_models": exported,
+        "_skipped": skipped,
+        "_ran": {name: f"{model.runtime} {model.precision}" for name, model in exported.items()},
     }
+
+
+def variants(runners: dict) -> list[str]:
+    return [name for name in VARIANTS if name in runners]
 
 
 def interleaved_latency(runners: dict, images: torch.Tensor, repeats: int, warmup: int) -> dict:
     for _ in range(warmup):
-        for name in VARIANTS:
+        for name in variants(runners):
             runners[name](images)
-    times = {name: [] for name in VARIANTS}
+    times = {name: [] for name in variants(runners)}
     for _ in range(repeats):
-        for name in VARIANTS:
+        for name in variants(runners):
             start = time.perf_counter()
             runners[name](images)
             times[name].append(time.perf_counter() - start)
@@ -79,19 +101,30 @@ def interleaved_latency(runners: dict, images: torch.Tensor, repeats: int, warmu
 def sign_agreement(runners: dict, images: torch.Tensor) -> dict:
     reference = runners["pytorch_fp32"](images).pred_masks.float()
     result = {}
-    for name in VARIANTS[1:]:
+    for name in variants(runners)[1:]:
         masks = runners[name](images).pred_masks.float()
         result[name] = {"mask_sign_agreement": round(((masks > 0) == (reference > 0)).float().mean().item(), 5),
                         "max_abs_diff_masks": round((masks - reference).abs().max().item(), 6)}
     return result
 
 
-def export_both(model, directory: Path, size: int) -> tuple[Path, Path, dict]:
+def export_all(model, directory: Path, size: int, calibration: int | None) -> tuple[dict, dict]:
+    """The ONNX file (+ onnxruntime int8) and, unless ``calibration`` is None, the NNCF int8 IR calibrated on that
+    many FashionScenes train images (shortest edge resized to ``size``)."""
     from mask2former.apps.onnx import export_onnx
 
-    path = directory / "model.onnx"
-    report = export_onnx(model, path, height=size, width=size, quantize="int8")
-    return path, directory / "model.int8.onnx", report
+    paths = {"onnx": directory / "model.onnx", "onnx_int8": directory / "model.int8.onnx"}
+    report = export_onnx(model, paths["onnx"], height=size, width=size, quantize="int8")
+    if calibration:
+        from mask2former.apps.openvino_export import calibration_images, quantize_openvino
+        from mask2former.inference.predictor import resize_shortest_edge
+
+        images = [resize_shortest_edge(image, size, None) for image in calibration_images(calibration)]
+        start = time.perf_counter()
+        paths["openvino_int8"] = quantize_openvino(paths["onnx"], directory / "model.openvino.int8.xml", images)
+        report["openvino_int8"] = {"calibration_images": calibration, "source": "FashionScenes train",
+                                   "quantize_seconds": round(time.perf_counter() - start, 1)}
+    return paths, report
 
 
 def default_model_part(args, directory: Path) -> dict:
@@ -102,11 +135,11 @@ def default_model_part(args, directory: Path) -> dict:
 
     model = Mask2Former.from_pretrained(args.checkpoint).eval()
     config = load_config("fashion_scenes_lite0", [f"data.num_val_images={args.num_val}"])
-    fp32_path, int8_path, export_report = export_both(model, directory, 256)
-    runners = make_runners(model, fp32_path, int8_path, args.threads)
+    paths, export_report = export_all(model, directory, 256, None if args.skip_openvino else args.calibration_images)
+    runners = make_runners(model, paths, args.threads)
     dataset, label_space = build_dataset(config, split=config.data.val_split, train=False)
     accuracy = {}
-    for name in VARIANTS:
+    for name in variants(runners):
         evaluated = runners["_models"].get(name, model)
         precision = "bf16" if name == "pytorch_bf16" else "fp32"
         result = evaluate_model(
@@ -122,6 +155,8 @@ def default_model_part(args, directory: Path) -> dict:
     return {
         "model": f"{args.checkpoint} (EfficientNet-Lite0, FashionScenes), input 1x3x256x256",
         "export": export_report,
+        "ran": runners["_ran"],
+        "skipped": runners["_skipped"],
         "accuracy": accuracy,
         "num_val_images": len(dataset),
         "agreement_with_pytorch_fp32": sign_agreement(runners, images),
@@ -141,12 +176,15 @@ def swin_part(args, directory: Path) -> dict:
         model = Mask2Former.from_pretrained(weights).eval()
     del theirs
     model.requires_grad_(False)
-    fp32_path, int8_path, export_report = export_both(model, directory, 512)
-    runners = make_runners(model, fp32_path, int8_path, args.threads)
+    paths, export_report = export_all(model, directory, 512,
+                                      None if args.skip_openvino else args.swin_calibration_images)
+    runners = make_runners(model, paths, args.threads)
     images = torch.randn(1, 3, 512, 512, generator=torch.Generator().manual_seed(1))
     return {
         "model": "Mask2Former Swin-T (forward_vs_transformers.py's model), 100 queries, 133 classes, 1x3x512x512",
         "export": export_report,
+        "ran": runners["_ran"],
+        "skipped": runners["_skipped"],
         "agreement_with_pytorch_fp32": sign_agreement(runners, images),
         "latency": interleaved_latency(runners, images, args.swin_repeats, 1),
     }
@@ -160,7 +198,7 @@ def markdown(result: dict) -> str:
         if part is None:
             continue
         latency = part["latency"]
-        for name in VARIANTS:
+        for name in [name for name in VARIANTS if name in latency["seconds_median"]]:
             accuracy = part.get("accuracy", {}).get(name, {})
             agreement = part["agreement_with_pytorch_fp32"].get(name, {}).get("mask_sign_agreement", 1.0)
             lines.append(
@@ -168,6 +206,30 @@ def markdown(result: dict) -> str:
                 f"{latency['ratio_over_pytorch_fp32'][name]:.2f}x | {accuracy.get('PQ', '-')} | {accuracy.get('AP', '-')} | "
                 f"{accuracy.get('mIoU', '-')} | {agreement * 100:.3f} % |")
     return "\n".join(lines)
+
+
+def cpu_model() -> str:
+    """lscpu's "Model name" (/proc/cpuinfo's "model name" where lscpu is missing)."""
+    import subprocess
+
+    try:
+        text = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    for line in text.splitlines():
+        if line.lower().startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def machine_kind(flags: list[str]) -> str:
+    if "amx_bf16" in flags:
+        return "AMX (amx_bf16): native bf16 matrix units"
+    if "avx512_bf16" in flags:
+        return "AVX-512 with avx512_bf16: native bf16, no AMX"
+    if any(flag.startswith("avx512") for flag in flags):
+        return "AVX-512 without bf16" + (" (VNNI int8)" if "avx512_vnni" in flags else "")
+    return "AVX2 only: no AVX-512, AMX or VNNI" if "avx_vnni" not in flags else "AVX2 + AVX-VNNI"
 
 
 def main() -> None:
@@ -179,6 +241,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--num-val", type=int, default=200)
     parser.add_argument("--skip-swin", action="store_true")
+    parser.add_argument("--skip-openvino", action="store_true", help="leave out the OpenVINO columns")
+    parser.add_argument("--calibration-images", type=int, default=300,
+                        help="FashionScenes train images calibrating NNCF int8 for the default model")
+    parser.add_argument("--swin-calibration-images", type=int, default=50,
+                        help="the same for Swin-T (512², slower to calibrate; its weights are random anyway)")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
 
@@ -188,11 +255,22 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     malloc_tuned = tune_malloc()
+    from mask2former.inference.runtimes import cpu_isa_flags
+
+    flags = cpu_isa_flags().split()
     result = {
         "threads": args.threads, "repeats": args.repeats, "swin_repeats": args.swin_repeats, "warmup": args.warmup,
         "malloc_tuning": malloc_tuned, "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
-        "cpu": platform.processor() or platform.machine(), "loadavg_before": os.getloadavg(),
+        "openvino": None, "nncf": None,
+        "cpu": platform.processor() or platform.machine(), "cpu_model": cpu_model(), "cpu_count": os.cpu_count(),
+        # The flags that decide bf16 / int8 speed; "machine_kind" names it as the issue does.
+        "cpu_flags": flags, "machine_kind": machine_kind(flags), "loadavg_before": os.getloadavg(),
     }
+    if not args.skip_openvino:
+        import nncf
+        import openvino
+
+        result["openvino"], result["nncf"] = openvino.get_version(), nncf.__version__
     with tempfile.TemporaryDirectory() as directory:
         print("default model ...", flush=True)
         (Path(directory) / "default").mkdir()

@@ -23,6 +23,25 @@ def _add_config_args(parser: argparse.ArgumentParser, default: str | None = DEFA
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. solver.max_iter=100")
 
 
+ONNX_HELP = ("a model written by 'mask2former export' (.onnx, or OpenVINO IR .xml; its .yaml beside it), run on "
+             "--runtime")
+RUNTIME_HELP = ("runtime for --onnx: onnxruntime (default for .onnx) or openvino (default for .xml); --precision "
+                "fp32/bf16 applies on openvino, onnxruntime runs the file's own precision (fp32 or int8)")
+
+
+def _add_runtime_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--runtime", default=None, choices=["onnxruntime", "openvino"], help=RUNTIME_HELP)
+
+
+def _load_exported(args, threads: int | None = None):
+    """The --onnx model on --runtime at --precision, and one line saying which precision runs."""
+    from .inference.runtimes import load_exported
+
+    model = load_exported(args.onnx, args.runtime, args.precision, threads=threads)
+    print(f"running {model.describe()}", file=sys.stderr)
+    return model
+
+
 def _presets() -> list[str]:
     from .config import PRESET_DIR
 
@@ -46,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "on a data set")
     what = evaluate.add_mutually_exclusive_group(required=True)
     what.add_argument("--checkpoint", help=CHECKPOINT_HELP)
+    what.add_argument("--onnx", help=ONNX_HELP)
     what.add_argument("--predictions", metavar="DIR", help="score standard results files (panoptic.json + panoptic/, "
                                                            "instances.json, semantic/) without a model")
     _add_config_args(evaluate)
@@ -56,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", default="cpu")
     evaluate.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
                           help="test-time precision (default fp32, as predict; not the training precision)")
+    _add_runtime_args(evaluate)
 
     predict = commands.add_parser("predict", help="segment images, folders or glob patterns and write the results "
                                                   "files + overlays")
@@ -63,8 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "'dir/**/*.png')")
     source = predict.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help=CHECKPOINT_HELP)
-    source.add_argument("--onnx", help="an ONNX model written by 'mask2former export' (with its config.yaml beside "
-                                        "it); it runs at the precision it was exported with (fp32 or int8)")
+    source.add_argument("--onnx", help=ONNX_HELP)
     predict.add_argument("--task", default="panoptic", choices=TASKS)
     predict.add_argument("--out", default="predictions", help="output directory")
     predict.add_argument("--device", default="cpu")
@@ -72,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--max-size", type=int, default=None)
     predict.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"],
                          help="test-time precision (default fp32, as evaluate)")
+    _add_runtime_args(predict)
     predict.add_argument("--coco-json", default=None, help="take image ids from this COCO JSON's images "
                                                           "(matched by file name; default: the file stem)")
     predict.add_argument("--recursive", action="store_true", help="also take the images in subfolders of a folder")
@@ -100,15 +121,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser("export", help="export the inference graph (no post-processing)")
     export.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
-    export.add_argument("--format", default="onnx", choices=["onnx"])
-    export.add_argument("--out", default="model.onnx")
+    export.add_argument("--format", default="onnx", choices=["onnx", "openvino"],
+                        help="onnx (one .onnx file) or openvino (IR: .xml + .bin)")
+    export.add_argument("--out", default=None, help="output file (default: model.onnx, or model.xml for openvino)")
     export.add_argument("--height", type=int, default=256, help="trace height (the file takes any size)")
     export.add_argument("--width", type=int, default=256, help="trace width (the file takes any size)")
     export.add_argument("--quantize", default=None, choices=["int8"],
-                        help="also write <stem>.int8.onnx (onnxruntime dynamic int8; predict --onnx runs it)")
+                        help="also write an int8 model: <stem>.int8.onnx (onnxruntime dynamic int8) or, with --format "
+                             "openvino, <stem>.int8.xml (NNCF post-training quantisation, calibrated on images)")
+    export.add_argument("--runtime", default=None, choices=["onnxruntime", "openvino"],
+                        help="check the exported file against PyTorch on this runtime (default: onnxruntime for "
+                             "--format onnx, openvino for --format openvino)")
+    export.add_argument("--calibration-images", type=int, default=None,
+                        help="images for NNCF int8 calibration (--format openvino --quantize int8; default 300)")
+    export.add_argument("--calibration-dir", default=None,
+                        help="calibrate on the images of this folder (default: FashionScenes train images; use "
+                             "training images of your own data for your model)")
 
     serve = commands.add_parser("serve", help="local web demo + JSON API")
-    serve.add_argument("--checkpoint", required=True, help=CHECKPOINT_HELP)
+    served = serve.add_mutually_exclusive_group(required=True)
+    served.add_argument("--checkpoint", help=CHECKPOINT_HELP)
+    served.add_argument("--onnx", help=ONNX_HELP)
+    _add_runtime_args(serve)
+    serve.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="test-time precision")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--device", default="cpu")
@@ -157,11 +192,13 @@ def cmd_evaluate(args) -> int:
         metrics = evaluate_predictions(args.predictions, _load_config(args), tasks=tasks, out=args.out)
         print(f"scored the results files in {args.predictions} ({', '.join(metrics['details'])})")
     else:
-        metrics = evaluate_checkpoint(args.checkpoint, _load_config(args), tasks=tasks, device=args.device,
+        model = _load_exported(args) if args.onnx else args.checkpoint
+        metrics = evaluate_checkpoint(model, _load_config(args), tasks=tasks, device=args.device,
                                       out=args.out, precision=args.precision, save_predictions=args.save_predictions)
         if _rank() != 0:
             return 0  # torchrun: rank 0 prints (every process has the same metrics)
-        print(f"precision: {args.precision}" + (f"; {_world_size()} processes" if _world_size() > 1 else ""))
+        precision = f"{model.precision} on {model.runtime}" if args.onnx else args.precision
+        print(f"precision: {precision}" + (f"; {_world_size()} processes" if _world_size() > 1 else ""))
     print(metrics["table"])
     if args.out:
         print(f"metrics written to {args.out}")
@@ -174,7 +211,7 @@ def cmd_predict(args) -> int:
     from .apps.predict_files import predict_files
 
     options = dict(
-        checkpoint=args.checkpoint, onnx=args.onnx, task=args.task, out_dir=args.out, device=args.device,
+        checkpoint=args.checkpoint, onnx=args.onnx, runtime=args.runtime, task=args.task, out_dir=args.out, device=args.device,
         min_size=args.min_size, max_size=args.max_size, precision=args.precision, coco_json=args.coco_json,
         recursive=args.recursive, batch_size=args.batch_size, workers=args.workers, overlays=args.overlays,
         overwrite=args.overwrite, progress=args.progress, overlay_format=args.overlay_format,
@@ -237,9 +274,23 @@ def cmd_predict_merge(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .apps.onnx import export_onnx
+    calibrating = args.format == "openvino" and args.quantize == "int8"
+    if not calibrating and (args.calibration_images is not None or args.calibration_dir is not None):
+        raise ValueError("--calibration-images/--calibration-dir apply to --format openvino --quantize int8 only "
+                         "(onnxruntime's int8 is dynamic: it needs no calibration)")
+    if args.format == "openvino":
+        from .apps.openvino_export import export_openvino
 
-    report = export_onnx(args.checkpoint, args.out, height=args.height, width=args.width, quantize=args.quantize)
+        if args.runtime not in (None, "openvino"):
+            raise ValueError("--format openvino writes OpenVINO IR, which only --runtime openvino runs")
+        report = export_openvino(args.checkpoint, args.out or "model.xml", height=args.height, width=args.width,
+                                 quantize=args.quantize, calibration_count=args.calibration_images or 300,
+                                 calibration_dir=args.calibration_dir)
+    else:
+        from .apps.onnx import export_onnx
+
+        report = export_onnx(args.checkpoint, args.out or "model.onnx", height=args.height, width=args.width,
+                             quantize=args.quantize, runtime=args.runtime or "onnxruntime")
     print(json.dumps(report, indent=2))
     return 0
 
@@ -247,8 +298,9 @@ def cmd_export(args) -> int:
 def cmd_serve(args) -> int:
     from .serve.app import serve
 
-    serve(args.checkpoint, host=args.host, port=args.port, device=args.device, max_batch_size=args.max_batch_size,
-          batch_wait_ms=args.batch_wait_ms, threads=args.threads)
+    model = _load_exported(args, threads=args.threads) if args.onnx else args.checkpoint
+    serve(model, host=args.host, port=args.port, device=args.device, max_batch_size=args.max_batch_size,
+          batch_wait_ms=args.batch_wait_ms, threads=args.threads, precision=args.precision)
     return 0
 
 

@@ -1,5 +1,6 @@
-"""ONNX export of the inference graph (no post-processing) with dynamic batch, height and width, int8 quantisation
-of the exported file, and an onnxruntime runner that the Predictor accepts."""
+"""ONNX export of the inference graph (no post-processing) with dynamic batch, height and width, checked against
+PyTorch on the runtime that will run it, and onnxruntime's dynamic int8 quantisation of the exported file. The
+runners are in ``inference/runtimes.py`` (``OnnxModel`` is onnxruntime's, kept under its old name)."""
 
 from __future__ import annotations
 
@@ -9,14 +10,14 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 import yaml
 from torch import Tensor, nn
 
-from ..config import ModelConfig, from_dict
-from ..modeling.model import Mask2Former, Mask2FormerOutput
+from ..inference.runtimes import RUNTIMES, OnnxRuntimeModel, import_optional, load_exported
+from ..modeling.model import Mask2Former
+
+OnnxModel = OnnxRuntimeModel  # the name tests, benchmarks and users' scripts import
 
 QUANTIZE_MODES = ("int8",)
 # Dynamic quantisation of the Linear layers only (MatMul with a constant weight), per tensor. Measured on the default
@@ -48,10 +49,13 @@ def default_check_sizes(height: int, width: int, divisor: int) -> list[tuple[int
 
 def export_onnx(checkpoint: str | Path | Mask2Former, out: str | Path, height: int = 256, width: int = 256,
                 opset: int = 17, quantize: str | None = None,
-                check_sizes: Sequence[tuple[int, int, int]] | None = None) -> dict[str, Any]:
+                check_sizes: Sequence[tuple[int, int, int]] | None = None,
+                runtime: str = "onnxruntime", check: bool = True) -> dict[str, Any]:
     """Export one file that runs at any batch size, height and width (traced at ``height`` x ``width``), check it
-    against PyTorch with onnxruntime on ``check_sizes`` (default: square, non-square, needs padding), and with
-    ``quantize="int8"`` also write ``<stem>.int8.onnx`` (see ``quantize_onnx``) and compare it with the fp32 file.
+    against PyTorch on ``runtime`` (onnxruntime or openvino, fp32) at ``check_sizes`` (default: square, non-square,
+    needs padding), and with ``quantize="int8"`` also write ``<stem>.int8.onnx`` (onnxruntime's dynamic int8, see
+    ``quantize_onnx``) and compare it with the fp32 file (on onnxruntime, which runs its operators). ``check=False``
+    skips the comparison (for a caller that checks what it converts the file into).
 
     The TorchScript exporter is used: under tracing the input's sizes are 0-dim tensors, and the model keeps them
     as tensors where a shape is computed (padding to ``size_divisibility``, Swin window padding and masks, position
@@ -63,8 +67,16 @@ def export_onnx(checkpoint: str | Path | Mask2Former, out: str | Path, height: i
     Masked attention thresholds mask logits at 0, so a logit within float error of 0 can flip a query's attention:
     Swin-T at 2x512x576 differed by 1.4e-3 from PyTorch, as much as PyTorch's own C kernel and grid_sample paths
     differ from each other on that input; 7.7e-5 at the other sizes, <= 9.2e-5 for the default model."""
+    if runtime not in RUNTIMES:
+        raise ValueError(f"export: runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+    import_optional("onnx", "export")  # torch.onnx.export writes the file with it
+    import_optional(runtime, f"checking the export on {runtime}")
+    if quantize is not None:
+        import_optional("onnxruntime", "onnxruntime int8 quantisation")
     model = checkpoint if isinstance(checkpoint, Mask2Former) else Mask2Former.from_pretrained(checkpoint)
     model = model.eval().float()
+    if quantize is not None and not check:
+        raise ValueError("export: quantize needs check=True (the int8 file is compared with the checked fp32 file)")
     if quantize is not None and quantize not in QUANTIZE_MODES:
         raise ValueError(f"export: quantize must be one of {', '.join(QUANTIZE_MODES)}, got {quantize!r}")
     out = Path(out)
@@ -88,25 +100,15 @@ def export_onnx(checkpoint: str | Path | Mask2Former, out: str | Path, height: i
     export_seconds = time.perf_counter() - start
     _write_sidecar(model, out, (height, width), "fp32")
     report: dict[str, Any] = {"onnx": str(out), "traced_size": [height, width], "dynamic_axes": ["batch", "height", "width"],
-                              "export_seconds": round(export_seconds, 2), "checks": []}
-    runner = OnnxModel(out)
-    inputs = []
+                              "export_seconds": round(export_seconds, 2), "checked_on": runtime, "checks": []}
+    if not check:
+        return report
+    runner = load_exported(out, runtime)
     generator = torch.Generator().manual_seed(0)
-    for batch_size, h, w in check_sizes or default_check_sizes(height, width, divisor):
-        images = torch.randn(batch_size, 3, h, w, generator=generator)
-        inputs.append(images)
-        got = runner(images)
-        with torch.no_grad():
-            expected = model(images, aux_outputs=False)
-        if tuple(got.pred_masks.shape) != tuple(expected.pred_masks.shape):
-            raise RuntimeError(f"export: ONNX masks {tuple(got.pred_masks.shape)} != PyTorch "
-                               f"{tuple(expected.pred_masks.shape)} at input {batch_size}x3x{h}x{w}")
-        report["checks"].append({
-            "input": [batch_size, 3, h, w],
-            "padded": list(expected.padded_size),
-            "max_abs_diff_logits": float((expected.pred_logits - got.pred_logits).abs().max()),
-            "max_abs_diff_masks": float((expected.pred_masks - got.pred_masks).abs().max()),
-        })
+    inputs = [torch.randn(batch_size, 3, h, w, generator=generator)
+              for batch_size, h, w in check_sizes or default_check_sizes(height, width, divisor)]
+    report["checks"] = compare_with_pytorch(model, runner, inputs)
+    report["checked_precision"] = runner.precision
     report["max_abs_diff_masks"] = max(check["max_abs_diff_masks"] for check in report["checks"])
     report["max_abs_diff_logits"] = max(check["max_abs_diff_logits"] for check in report["checks"])
     if quantize == "int8":
@@ -115,15 +117,37 @@ def export_onnx(checkpoint: str | Path | Mask2Former, out: str | Path, height: i
         quantize_onnx(out, quantized)
         report["int8"] = {"onnx": str(quantized), "quantize_seconds": round(time.perf_counter() - start, 2),
                           "op_types": list(INT8_OP_TYPES), "note": PRE_PROCESS_NOTE, "checks": []}
+        reference_runner = runner if runtime == "onnxruntime" else OnnxModel(out)
         int8_runner = OnnxModel(quantized)
         for images in inputs:
-            reference, got = runner(images), int8_runner(images)
-            report["int8"]["checks"].append({
-                "input": list(images.shape),
-                "mask_sign_agreement": float(((reference.pred_masks > 0) == (got.pred_masks > 0)).float().mean()),
-                "max_abs_diff_logits": float((reference.pred_logits - got.pred_logits).abs().max()),
-            })
+            report["int8"]["checks"].append({"input": list(images.shape),
+                                             **mask_agreement(reference_runner(images), int8_runner(images))})
     return report
+
+
+def compare_with_pytorch(model: Mask2Former, runner: Any, inputs: Sequence[Tensor]) -> list[dict[str, Any]]:
+    """Max |diff| of an exported model's logits and masks to PyTorch's on each input batch (shapes must match)."""
+    checks = []
+    for images in inputs:
+        got = runner(images)
+        with torch.no_grad():
+            expected = model(images, aux_outputs=False)
+        if tuple(got.pred_masks.shape) != tuple(expected.pred_masks.shape):
+            raise RuntimeError(f"export: {getattr(runner, 'runtime', 'exported')} masks {tuple(got.pred_masks.shape)} "
+                               f"!= PyTorch {tuple(expected.pred_masks.shape)} at input {list(images.shape)}")
+        checks.append({
+            "input": list(images.shape),
+            "padded": list(expected.padded_size),
+            "max_abs_diff_logits": float((expected.pred_logits - got.pred_logits).abs().max()),
+            "max_abs_diff_masks": float((expected.pred_masks - got.pred_masks).abs().max()),
+        })
+    return checks
+
+
+def mask_agreement(reference: Any, got: Any) -> dict[str, float]:
+    """Mask-sign agreement and max |diff| of the logits between two outputs (int8 against fp32)."""
+    return {"mask_sign_agreement": float(((reference.pred_masks > 0) == (got.pred_masks > 0)).float().mean()),
+            "max_abs_diff_logits": float((reference.pred_logits - got.pred_logits).abs().max())}
 
 
 # onnxruntime logs "Please consider to run pre-processing before quantization" (on the root logger) for every file
@@ -168,86 +192,3 @@ def _write_sidecar(model: Mask2Former, out: Path, traced_size: tuple[int, int], 
     document = {"model": to_dict(model.config), "labels": model.labels, "dynamic_size": True,
                 "traced_size": list(traced_size), "precision": precision}
     (out.parent / f"{out.stem}.yaml").write_text(yaml.safe_dump(document, sort_keys=False))
-
-
-class OnnxModel:
-    """Runs an exported model with onnxruntime and looks like a ``Mask2Former`` to the ``Predictor``.
-
-    Files from ``export_onnx`` take any size (the graph pads to ``size_divisibility`` itself). Files written before
-    dynamic sizes (a sidecar with ``input_size``) are run as before: inputs zero-padded up to that one size.
-    ``threads``: onnxruntime intra-op threads (None: its default); ``spinning``: let idle pool threads spin (faster
-    only on otherwise idle cores)."""
-
-    training = False
-
-    def __init__(self, path: str | Path, providers: list[str] | None = None, threads: int | None = None,
-                 spinning: bool = False) -> None:
-        import onnxruntime
-
-        path = Path(path)
-        sidecar = path.parent / f"{path.stem}.yaml"
-        if not path.exists():
-            raise FileNotFoundError(f"ONNX model {path} does not exist")
-        if not sidecar.exists():
-            raise FileNotFoundError(f"{sidecar} is missing: it holds the model config written by `mask2former export`")
-        document = yaml.safe_load(sidecar.read_text())
-        self.config: ModelConfig = from_dict(ModelConfig, document["model"], "model")
-        self.labels = document.get("labels")
-        self.precision = document.get("precision", "fp32")
-        # Only the old fixed-size files carry ``input_size``.
-        self.input_size = None if document.get("dynamic_size") else tuple(document["input_size"])
-        options = onnxruntime.SessionOptions()
-        if threads is not None:
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
-        if not spinning:
-            # Idle pool threads sleep instead of spinning: with PyTorch's threads, post-processing or other
-            # processes on the same cores, spinning made a 2-thread session 2-3x slower here (benchmarks/deploy.py).
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = onnxruntime.InferenceSession(
-            str(path), sess_options=options, providers=providers or ["CPUExecutionProvider"])
-        self.pixel_mean = torch.tensor(self.config.pixel_mean).view(1, 3, 1, 1)
-        self.pixel_std = torch.tensor(self.config.pixel_std).view(1, 3, 1, 1)
-
-    @property
-    def num_classes(self) -> int:
-        return self.config.num_classes
-
-    def normalize(self, images: Tensor, padding_mask: Tensor | None = None) -> Tensor:
-        return Mask2Former.normalize(self, images, padding_mask)  # same arithmetic as the PyTorch model
-
-    def to(self, *args, **kwargs) -> "OnnxModel":
-        return self
-
-    def eval(self) -> "OnnxModel":
-        return self
-
-    def train(self, mode: bool = True) -> "OnnxModel":
-        return self
-
-    def pad_to_export_size(self, images: Tensor) -> Tensor:
-        """Fixed-size (old) files only: zero-pad normalised images bottom/right to their one input size."""
-        height, width = images.shape[-2:]
-        if height > self.input_size[0] or width > self.input_size[1]:
-            raise ValueError(
-                f"image batch of {height}x{width} is larger than the ONNX model's input size "
-                f"{self.input_size[0]}x{self.input_size[1]}: re-export it (exports now take any size)"
-            )
-        return F.pad(images, (0, self.input_size[1] - width, 0, self.input_size[0] - height))
-
-    def __call__(self, images: Tensor, aux_outputs: bool = False) -> Mask2FormerOutput:
-        """Only the final prediction exists in the exported graph; ``aux_outputs`` is accepted for the Predictor.
-        Returns masks for the padded input (multiples of ``size_divisibility``), as ``Mask2Former.forward``."""
-        if images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"OnnxModel: images must be [B, 3, H, W], got shape {tuple(images.shape)}")
-        height, width = int(images.shape[-2]), int(images.shape[-1])
-        images = images.detach().cpu().float()
-        if self.input_size is not None:
-            logits, masks = self.session.run(None, {"images": self.pad_to_export_size(images).numpy()})
-            masks = torch.from_numpy(np.asarray(masks))[..., : height // 4, : width // 4]
-            return Mask2FormerOutput(torch.from_numpy(np.asarray(logits)), masks)
-        logits, masks = self.session.run(None, {"images": images.contiguous().numpy()})
-        divisor = max(self.config.size_divisibility, 1)
-        padded = (height + (-height) % divisor, width + (-width) % divisor)
-        return Mask2FormerOutput(torch.from_numpy(np.asarray(logits)), torch.from_numpy(np.asarray(masks)),
-                                 image_size=(height, width), padded_size=padded)

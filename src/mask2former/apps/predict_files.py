@@ -119,7 +119,7 @@ def predict_files(
     max_size: int | None = None, precision: str = "fp32", coco_json: str | Path | None = None,
     recursive: bool = False, batch_size: int = 4, workers: int | None = None, overlays: bool = True,
     overwrite: bool = False, progress: bool | None = None, model: Any = None, overlay_format: str = "png",
-    shard: tuple[int, int] | None = None,
+    shard: tuple[int, int] | None = None, runtime: str | None = None,
 ) -> PredictReport:
     """Segment ``images`` (files, folders, glob patterns) and write into ``out_dir`` per image
     ``<stem>_<task>.png`` (overlay, unless ``overlays=False``; ``.jpg`` with ``overlay_format="jpg"``), the standard results files of ``task`` (see
@@ -129,7 +129,8 @@ def predict_files(
     ``batch_size`` images of the same padded size go through the model together; ``workers`` threads decode and
     write (default: up to 4). ``progress``: a progress bar on stderr (None: when stderr is a terminal). ``model``:
     an already loaded model instead of ``checkpoint`` / ``onnx``. When no input can be read, the error says so and
-    nothing is written.
+    nothing is written. ``onnx``: an exported file run on ``runtime`` (onnxruntime or openvino; None: OpenVINO for
+    ``.xml``, onnxruntime otherwise) at ``precision`` (see ``inference.runtimes``).
 
     ``shard=(i, n)``: predict only part ``i`` of ``n`` of the input files (``apps.predict_shards``, which writes the
     results files once all parts are done); the report then holds the part's files and records, and no results
@@ -143,12 +144,9 @@ def predict_files(
         raise ValueError(f"--workers must be at least 1, got {workers}")
     if model is None:
         if onnx is not None:
-            from ..apps.onnx import OnnxModel
+            from ..inference.runtimes import load_exported
 
-            model = OnnxModel(onnx)
-            if precision != "fp32":
-                raise ValueError(f"--precision {precision} applies to PyTorch checkpoints; {onnx} runs at the "
-                                 f"precision it was exported with ({model.precision})")
+            model = load_exported(onnx, runtime, precision)
         elif checkpoint is not None:
             model = checkpoint
         else:
@@ -163,18 +161,22 @@ def predict_files(
     _check_unique(paths, stems, "file stem", "their result PNGs would overwrite each other")
     _check_unique(paths, ids, "image id", "image ids must be unique in the results files")
 
+    # An exported model runs at its own precision (set when it was loaded): no autocast around it.
+    exported = getattr(model, "runtime", None)
     predictor = Predictor(model, task=task, device=device, min_size=min_size, max_size=max_size,
-                          batch_size=batch_size, precision=precision)
+                          batch_size=batch_size, precision="fp32" if exported else precision)
     label_space = predictor.label_space
     out = Path(out_dir)
     records_dir = out / RECORDS_DIR / task
     source = onnx or checkpoint
-    signature = {"model": str(Path(source).resolve()) if source else type(model).__name__, "precision": precision,
+    # An exported model runs at its own precision (an int8 file is int8; bf16 where the runtime has it).
+    ran = str(model.precision) if exported else precision
+    signature = {"model": str(Path(source).resolve()) if source else type(model).__name__, "precision": ran,
                  "min_size": min_size, "max_size": max_size, "coco_json": str(coco_json) if coco_json else None}
+    if exported:
+        signature["runtime"] = exported
     _check_records(records_dir, signature, overwrite)
     selected = range(len(paths)) if shard is None else shard_range(len(paths), *shard)
-    # An ONNX model runs at its own precision (an int8 file is int8 whatever --precision says).
-    ran = str(getattr(model, "precision", precision)) if onnx is not None else precision
     report = PredictReport(out_dir=out, errors=errors if shard is None or shard[0] == 0 else [], precision=ran)
     started_records = False
 

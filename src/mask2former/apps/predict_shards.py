@@ -80,7 +80,7 @@ def predict_shard(images: Sequence[str | Path], shard: tuple[int, int], out_dir:
     report = predict_files(images, task=task, out_dir=out, shard=shard, **options)
     manifest = {
         "shard": index, "count": count, "task": task, "num_inputs": report.num_inputs,
-        "precision": options.get("precision", "fp32"), "labels": report.label_space.to_dict(),
+        "precision": report.precision, "labels": report.label_space.to_dict(),
         "files": [str(path) for path in report.shard_files],
         "errors": [[name, message] for name, message in report.errors],
         "records": report.records,

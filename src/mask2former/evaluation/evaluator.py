@@ -146,11 +146,12 @@ def _update(evaluators: dict[str, Any], sample: dict[str, Any], result: dict[str
         evaluators["semantic"].update(result["semantic"], sample["semantic"])
 
 
-def evaluate_checkpoint(checkpoint: str, config: Config, tasks: Sequence[str] = TASKS, device: str = "cpu",
+def evaluate_checkpoint(checkpoint: Any, config: Config, tasks: Sequence[str] = TASKS, device: str = "cpu",
                         out: str | None = None, precision: str = "fp32",
                         save_predictions: str | None = None) -> dict[str, Any]:
     """``mask2former evaluate``: the checkpoint on the validation split that ``config.data`` describes, at
-    ``precision`` (fp32 by default, as ``predict``: detectron2 evaluates without autocast too).
+    ``precision`` (fp32 by default, as ``predict``: detectron2 evaluates without autocast too). ``checkpoint`` may
+    also be a loaded exported model (``inference.runtimes``), which runs at the precision it was loaded with.
 
     Under ``torchrun`` every process evaluates its shard of the data (``device="cuda"`` = ``cuda:LOCAL_RANK``),
     rank 0 merges and writes ``out``; every process returns the same result."""
@@ -164,12 +165,17 @@ def evaluate_checkpoint(checkpoint: str, config: Config, tasks: Sequence[str] = 
         cleanup(context)
 
 
-def _evaluate_checkpoint(checkpoint: str, config: Config, tasks: Sequence[str], device: str, out: str | None,
+def _evaluate_checkpoint(checkpoint: Any, config: Config, tasks: Sequence[str], device: str, out: str | None,
                          precision: str, save_predictions: str | None) -> dict[str, Any]:
     from ..data.build import build_dataset
     from ..modeling.model import Mask2Former
 
-    model = Mask2Former.from_pretrained(checkpoint)
+    if isinstance(checkpoint, (str, Path)):
+        model = Mask2Former.from_pretrained(checkpoint)
+    elif getattr(checkpoint, "runtime", None):  # an exported model on its runtime: no autocast around it
+        model, checkpoint, precision = checkpoint, checkpoint.path, "fp32"
+    else:
+        model, checkpoint = checkpoint, type(checkpoint).__name__
     dataset, label_space = build_dataset(config, split=config.data.val_split, train=False)
     subset = None
     if model.labels is not None:

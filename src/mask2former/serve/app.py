@@ -341,16 +341,19 @@ def make_server(
     max_batch_size: int | None = None,
     batch_wait_ms: float = 5.0,
     body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
+    precision: str = "fp32",
 ) -> SegmentationServer:
     """A bound, not yet running server (``port=0`` picks a free port; see ``server.url``).
 
     Run it with ``server.serve_forever()`` (in a thread for tests); stop with ``shutdown()`` + ``server_close()``.
     ``max_batch_size`` (default: the predictor's ``batch_size``) and ``batch_wait_ms`` shape the request batches.
+    ``precision``: the PyTorch model's test-time precision (an exported model runs at the one it was loaded with).
     """
     if isinstance(predictor_or_checkpoint, Predictor):
         predictor = predictor_or_checkpoint
     else:
-        predictor = Predictor(predictor_or_checkpoint, device=device)
+        exported = getattr(predictor_or_checkpoint, "runtime", None)  # inference.runtimes: no autocast around it
+        predictor = Predictor(predictor_or_checkpoint, device=device, precision="fp32" if exported else precision)
     service = SegmentationService(predictor, max_upload_bytes=max_upload_bytes, max_pixels=max_pixels)
     return SegmentationServer((host, port), service, max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms,
                               body_timeout_s=body_timeout_s)
@@ -366,6 +369,7 @@ def serve(
     max_batch_size: int | None = None,
     batch_wait_ms: float = 5.0,
     threads: int | None = None,
+    precision: str = "fp32",
 ) -> None:
     """Serve the demo page and API until interrupted (Ctrl+C); prints the URL.
 
@@ -376,7 +380,8 @@ def serve(
     if threads is not None:
         torch.set_num_threads(threads)
     server = make_server(checkpoint, host=host, port=port, device=device, max_upload_bytes=max_upload_bytes,
-                         max_pixels=max_pixels, max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms)
+                         max_pixels=max_pixels, max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms,
+                         precision=precision)
     print(f"mask2former serve: open {server.url} (Ctrl+C to stop; {torch.get_num_threads()} model threads)", flush=True)
     if not server.loopback_only:
         print(f"note: listening on {host}, reachable from other machines; there is no authentication", flush=True)
