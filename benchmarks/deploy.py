@@ -65,9 +65,15 @@ def make_runners(model, paths: dict, threads: int) -> dict:
         with torch.inference_mode(), context:
             return model(images, aux_outputs=False)
 
+    from mask2former.modeling.precision import native_bf16
+
+    ours = {"pytorch_fp32": lambda images: pytorch(images, False)}
+    if native_bf16(torch.device("cpu")):
+        ours["pytorch_bf16"] = lambda images: pytorch(images, True)
+    else:
+        skipped["pytorch_bf16"] = "no native bf16 on this CPU (emulated bf16 is ~100x slower than fp32)"
     return {
-        "pytorch_fp32": lambda images: pytorch(images, False),
-        "pytorch_bf16": lambda images: pytorch(images, True),
+        **ours,
         **exported,
         "_models": exported,
         "_skipped": skipped,
@@ -139,7 +145,7 @@ def default_model_part(args, directory: Path) -> dict:
     runners = make_runners(model, paths, args.threads)
     dataset, label_space = build_dataset(config, split=config.data.val_split, train=False)
     accuracy = {}
-    for name in variants(runners):
+    for name in variants(runners) if args.num_val > 0 else []:  # --num-val 0: latency only
         evaluated = runners["_models"].get(name, model)
         precision = "bf16" if name == "pytorch_bf16" else "fp32"
         result = evaluate_model(
