@@ -185,7 +185,8 @@ class SetCriterion(nn.Module):
         loss_ce = self.class_loss(pred_logits, targets, indices, batch_idx, query_idx)
         matched_masks = pred_masks[batch_idx, query_idx]  # [M, h, w]
         if self.mask_loss == "points":  # targets are only read at the sampled points: no full-resolution gather
-            target_masks: Tensor | MatchedTargets = MatchedTargets([t["masks"] for t in targets], [j for _, j in indices])
+            target_masks: Tensor | MatchedTargets = MatchedTargets([t["masks"] for t in targets],
+                                                                   [j for _, j in indices])
         else:
             target_masks = torch.cat([t["masks"][j.to(t["masks"].device)] for t, (_, j) in zip(targets, indices)])
         loss_mask, loss_dice = self.mask_losses(matched_masks, target_masks, num_masks, generator)
