@@ -214,30 +214,6 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def cpu_model() -> str:
-    """lscpu's "Model name" (/proc/cpuinfo's "model name" where lscpu is missing)."""
-    import subprocess
-
-    try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    for line in text.splitlines():
-        if line.lower().startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def machine_kind(flags: list[str]) -> str:
-    if "amx_bf16" in flags:
-        return "AMX (amx_bf16): native bf16 matrix units"
-    if "avx512_bf16" in flags:
-        return "AVX-512 with avx512_bf16: native bf16, no AMX"
-    if any(flag.startswith("avx512") for flag in flags):
-        return "AVX-512 without bf16" + (" (VNNI int8)" if "avx512_vnni" in flags else "")
-    return "AVX2 only: no AVX-512, AMX or VNNI" if "avx_vnni" not in flags else "AVX2 + AVX-VNNI"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default="runs/fashion_scenes/model_final")
@@ -261,16 +237,14 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     malloc_tuned = tune_malloc()
-    from mask2former.inference.runtimes import cpu_isa_flags
+    sys.path.insert(0, str(HERE))
+    from machine import machine_info
 
-    flags = cpu_isa_flags().split()
     result = {
         "threads": args.threads, "repeats": args.repeats, "swin_repeats": args.swin_repeats, "warmup": args.warmup,
         "malloc_tuning": malloc_tuned, "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
         "openvino": None, "nncf": None,
-        "cpu": platform.processor() or platform.machine(), "cpu_model": cpu_model(), "cpu_count": os.cpu_count(),
-        # The flags that decide bf16 / int8 speed; "machine_kind" names it as the issue does.
-        "cpu_flags": flags, "machine_kind": machine_kind(flags), "loadavg_before": os.getloadavg(),
+        "cpu": platform.processor() or platform.machine(), **machine_info(), "loadavg_before": os.getloadavg(),
     }
     if not args.skip_openvino:
         import nncf

@@ -5,27 +5,40 @@ from __future__ import annotations
 
 import os
 import platform
+import subprocess
 from pathlib import Path
 
-FLAGS = ("amx_bf16", "amx_tile", "avx512_bf16", "avx512_vnni", "avx_vnni", "avx512f", "avx2")
+from mask2former.inference.runtimes import cpu_isa_flags
 
 
-def machine_kind() -> dict:
-    model, flags = platform.processor() or platform.machine(), set()
+def cpu_model() -> str:
+    """lscpu's "Model name" (/proc/cpuinfo's "model name" where lscpu is missing)."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                model = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-    except OSError:
-        pass
-    present = [flag for flag in FLAGS if flag in flags]
-    kind = ("AMX" if "amx_bf16" in flags else "AVX-512 bf16" if "avx512_bf16" in flags
-            else "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "other")
-    return {"cpu": model, "kind": kind, "flags": present, "cpu_count": os.cpu_count()}
+        text = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    for line in text.splitlines():
+        if line.lower().startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def machine_kind(flags: list[str]) -> str:
+    if "amx_bf16" in flags:
+        return "AMX (amx_bf16): native bf16 matrix units"
+    if "avx512_bf16" in flags:
+        return "AVX-512 with avx512_bf16: native bf16, no AMX"
+    if any(flag.startswith("avx512") for flag in flags):
+        return "AVX-512 without bf16" + (" (VNNI int8)" if "avx512_vnni" in flags else "")
+    return "AVX2 only: no AVX-512, AMX or VNNI" if "avx_vnni" not in flags else "AVX2 + AVX-VNNI"
+
+
+def machine_info() -> dict:
+    """The keys benchmark JSONs record: ``cpu_model``, ``cpu_count``, ``cpu_flags`` and ``machine_kind``."""
+    flags = cpu_isa_flags().split()
+    return {"cpu_model": cpu_model(), "cpu_count": os.cpu_count(), "cpu_flags": flags,
+            "machine_kind": machine_kind(flags)}
 
 
 if __name__ == "__main__":
-    print(machine_kind())
+    print(machine_info())

@@ -42,7 +42,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "tests"))  # random_inputs.py: the tests' random targets
 
 from forward_vs_transformers import build_transformers_model  # noqa: E402  (same weights as the forward benchmark)
-from machine import machine_kind  # noqa: E402
+from machine import machine_info  # noqa: E402
 
 NUM_SEGMENTS = 6
 
@@ -233,7 +233,7 @@ def main() -> None:
         "first_step_loss": {name: round(value, 3) for name, value in first_loss.items()},
         "peak_memory_gib": {name: round(value, 2) for name, value in peak_memory.items()} or None,
         "load_average_before_after": [list(load_before), list(os.getloadavg())],
-        "machine": {**machine_kind(), "torch": torch.__version__, "transformers": transformers.__version__,
+        "machine": {**machine_info(), "torch": torch.__version__, "transformers": transformers.__version__,
                     "python": sys.version.split()[0]},
     }
     output.parent.mkdir(parents=True, exist_ok=True)
