@@ -68,3 +68,15 @@ def informative_transformers_mask2former(model: nn.Module, seed: int, image_size
     hook.remove()
     projection.bias.sub_(stats["mean"])
     return model
+
+
+def trained_like(model: nn.Module) -> nn.Module:
+    """Random init leaves the mask logits near zero (their sign is noise); scaled-up transformer-decoder weights give
+    masks with structure, as a trained model has, so that agreement of signs between runtimes or precisions means
+    something. Returns the model in eval mode."""
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if parameter.dim() > 1 and "transformer_decoder" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * (1.5 / parameter.shape[-1] ** 0.5))
+    return model.eval()

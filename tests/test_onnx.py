@@ -10,6 +10,7 @@ from mask2former.inference.predictor import Predictor
 from mask2former.modeling.model import Mask2Former
 
 from conftest import tiny_swin_config
+from random_inputs import trained_like
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -61,21 +62,10 @@ def test_predictor_runs_the_onnx_model_like_pytorch_without_an_export_size(tmp_p
                 assert torch.equal(a[0], b[0]) and [s["category_id"] for s in a[1]] == [s["category_id"] for s in b[1]]
 
 
-def _trained_like(model: Mask2Former) -> Mask2Former:
-    """Random init leaves the mask logits near zero (their sign is noise); scaled-up weights give masks with
-    structure, as a trained model has, so that int8 agreement means something."""
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if parameter.dim() > 1 and "transformer_decoder" in name:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * (1.5 / parameter.shape[-1] ** 0.5))
-    return model.eval()
-
-
 def test_int8_export_runs_and_agrees_with_fp32(tmp_path):
     from mask2former.apps.onnx import OnnxModel, export_onnx
 
-    model = _trained_like(Mask2Former(tiny_swin_config()))
+    model = trained_like(Mask2Former(tiny_swin_config()))
     report = export_onnx(model, tmp_path / "model.onnx", height=64, width=64, quantize="int8", check_sizes=SIZES[:3])
     int8_path = tmp_path / "model.int8.onnx"
     assert report["int8"]["onnx"] == str(int8_path) and (tmp_path / "model.int8.yaml").exists()
@@ -102,7 +92,7 @@ def test_cli_exports_int8_and_predicts_with_it(tmp_path, capsys):
     from mask2former.data import FashionScenes
 
     dataset = FashionScenes("val", num_images=1, image_size=80)
-    model = _trained_like(Mask2Former(tiny_swin_config(num_classes=dataset.label_space.num_classes),
+    model = trained_like(Mask2Former(tiny_swin_config(num_classes=dataset.label_space.num_classes),
                                       labels=dataset.label_space.to_dict()))
     model.save_pretrained(tmp_path / "ckpt")
     image_file = tmp_path / "scene.png"

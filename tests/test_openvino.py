@@ -15,6 +15,7 @@ from mask2former.config import BackboneConfig
 from mask2former.modeling.model import Mask2Former
 
 from conftest import tiny_swin_config
+from random_inputs import trained_like
 
 # Square, non-square, and two sizes that are not multiples of size_divisibility (32): the graph pads them itself.
 SIZES = [(1, 64, 64), (2, 64, 128), (1, 75, 53), (1, 96, 40)]
@@ -22,17 +23,6 @@ SIZES = [(1, 64, 64), (2, 64, 128), (1, 75, 53), (1, 96, 40)]
 # <= 2.7e-6 on tiny models, 5.7e-5 / 9.2e-5 (masks, 1 / 2 images) on the trained default model; onnxruntime's
 # export check uses the same bound (tests/test_onnx.py).
 FP32_TOLERANCE = 1e-4
-
-
-def _trained_like(model: Mask2Former) -> Mask2Former:
-    """Random init leaves the mask logits near zero (their sign is noise); scaled-up decoder weights give masks
-    with structure, as a trained model has, so that agreement of signs means something (as in test_onnx.py)."""
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if parameter.dim() > 1 and "transformer_decoder" in name:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * (1.5 / parameter.shape[-1] ** 0.5))
-    return model.eval()
 
 
 def _native_bf16() -> bool:
@@ -53,7 +43,7 @@ def test_openvino_matches_pytorch_fp32_at_every_size(tmp_path, openvino, backbon
     from mask2former.inference.runtimes import OpenVinoModel
 
     config = tiny_swin_config() if backbone == "swin_tiny" else tiny_swin_config(backbone=BackboneConfig(name=backbone))
-    model = _trained_like(Mask2Former(config))
+    model = trained_like(Mask2Former(config))
     report = export_onnx(model, tmp_path / "model.onnx", height=96, width=128, check_sizes=SIZES, runtime="openvino")
     assert report["checked_on"] == "openvino" and report["checked_precision"] == "fp32"
     assert [check["input"] for check in report["checks"]] == [[b, 3, h, w] for b, h, w in SIZES]
@@ -77,7 +67,7 @@ def test_bf16_request_reports_the_precision_that_ran(tmp_path, openvino, caplog)
     from mask2former.apps.onnx import export_onnx
     from mask2former.inference.runtimes import OpenVinoModel, openvino_precision
 
-    model = _trained_like(Mask2Former(tiny_swin_config()))
+    model = trained_like(Mask2Former(tiny_swin_config()))
     export_onnx(model, tmp_path / "model.onnx", height=64, width=64, check_sizes=[(1, 64, 64)])
     with caplog.at_level(logging.WARNING, logger="mask2former.inference.runtimes"):
         runner = OpenVinoModel(tmp_path / "model.onnx", precision="bf16")
@@ -98,7 +88,7 @@ def test_predict_runtime_openvino_writes_the_results_files_of_pytorch(tmp_path, 
     from mask2former.data import FashionScenes
 
     dataset = FashionScenes("val", num_images=3, image_size=80)
-    model = _trained_like(Mask2Former(tiny_swin_config(num_classes=dataset.label_space.num_classes),
+    model = trained_like(Mask2Former(tiny_swin_config(num_classes=dataset.label_space.num_classes),
                                       labels=dataset.label_space.to_dict()))
     model.save_pretrained(tmp_path / "ckpt")
     folder = tmp_path / "images"
@@ -143,7 +133,7 @@ def test_nncf_int8_agrees_with_fp32(tmp_path, openvino):
     for index in range(len(scenes)):
         Image.fromarray(scenes[index]["image"].permute(1, 2, 0).numpy()).save(calibration / f"{index:02d}.png")
     torch.manual_seed(0)
-    # A plain random tiny model: _trained_like's scaled-up decoder weights make its activations so wide that
+    # A plain random tiny model: trained_like's scaled-up decoder weights make its activations so wide that
     # per-tensor int8 loses them (confident signs 0.63-0.97 measured), which says nothing about a trained model.
     model = Mask2Former(tiny_swin_config()).eval()
     report = export_openvino(model, tmp_path / "model.xml", height=64, width=64, quantize="int8",
