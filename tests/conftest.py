@@ -1,4 +1,6 @@
+import importlib.util
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -46,3 +48,12 @@ def tiny_swin_config(**overrides) -> ModelConfig:
 
 # The suite runs many tiny models: one intra-op thread avoids oversubscribing 2-core machines (and is faster there).
 torch.set_num_threads(1)
+
+
+def load_experiment(name: str, module_name: str):
+    """``experiments/<name>.py`` imported as a module (the experiment scripts are not part of the package)."""
+    script = Path(__file__).resolve().parents[1] / "experiments" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(module_name, script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -3,23 +3,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 
 from mask2former.config import load_config
 
-SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "convergence.py"
+from conftest import load_experiment
 
 
 @pytest.fixture(scope="module")
 def convergence():
-    spec = importlib.util.spec_from_file_location("convergence", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_experiment("convergence", "convergence")
 
 
 def test_arms_are_the_presets(convergence, tmp_path):
